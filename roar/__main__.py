@@ -1,0 +1,3 @@
+from roar.cli import main
+
+raise SystemExit(main())

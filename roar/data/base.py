@@ -1,0 +1,124 @@
+"""What every dataset provides: uint8 images at a fixed evaluation geometry, labels, class
+names, and ground-truth object masks where it has them.
+
+Images stay uint8 in [0, 255] here. Everything downstream (ablation, attribution, ROAR fills)
+works in [0, 1] space; normalisation happens inside the model (see ``roar.models``), so the one
+geometry an image is attributed at is the one it is ablated and retrained at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from roar.schema import Section
+
+# Codes of the per-example difficulty tag; datasets without tags report every example "clean".
+TAGS = ("clean", "low_contrast", "occluded", "two_objects")
+
+
+class DatasetConfig(Section):
+    """Keys every dataset accepts."""
+
+    root: Path = Path("data")
+
+
+class ImageSplit(torch.utils.data.Dataset):
+    """One split: ``split[i]`` is ``(image uint8 [C, H, W], label)``.
+
+    Small datasets hold all images in memory (``images`` is a tensor) so training and ablation
+    can run on whole batches on the device; large ones (ImageNet) decode on demand and are
+    read through a DataLoader.
+    """
+
+    labels: torch.Tensor  # int64 [N]
+    images: torch.Tensor | None = None  # uint8 [N, C, H, W] when in memory
+    masks: torch.Tensor | None = None  # uint8 [N, H, W]: 0 background, 1 labelled object, 2 other
+    tags: torch.Tensor | None = None  # int64 [N], indices into TAGS
+    other_labels: torch.Tensor | None = None  # int64 [N], class of the second object or -1
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+
+class TensorSplit(ImageSplit):
+    """A split held in memory as tensors."""
+
+    def __init__(self, images, labels, masks=None, tags=None, other_labels=None):
+        self.images = torch.as_tensor(images, dtype=torch.uint8)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.masks = None if masks is None else torch.as_tensor(masks, dtype=torch.uint8)
+        self.tags = None if tags is None else torch.as_tensor(tags, dtype=torch.int64)
+        self.other_labels = None if other_labels is None else torch.as_tensor(other_labels, dtype=torch.int64)
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError(f"images {tuple(self.images.shape)} and labels {len(self.labels)} do not match")
+        self._fingerprint: str | None = None
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+    def fingerprint(self) -> str:
+        """sha256 of the pixels and labels: two stores made from the same split agree on it."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(np.ascontiguousarray(self.images.numpy()).tobytes())
+            h.update(self.labels.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+@dataclass
+class Dataset:
+    """Both splits plus what is needed to normalise and describe them.
+
+    ``mean`` and ``std`` are per channel in [0, 1] space: the mean is the default ROAR fill and
+    both parametrise the model's normalisation layer.
+    """
+
+    name: str
+    train: ImageSplit
+    test: ImageSplit
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> ImageSplit:
+        if name not in ("train", "test"):
+            raise ValueError(f"unknown split '{name}': use 'train' or 'test'")
+        return getattr(self, name)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.name}:{self.train.fingerprint()}:{self.test.fingerprint()}".encode())
+        return h.hexdigest()[:16]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] space of uint8 images [N, C, H, W], in float64."""
+    x = images.to(torch.float64) / 255.0
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)

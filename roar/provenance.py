@@ -1,0 +1,80 @@
+"""What every stage writes next to its outputs so that a result can be traced and repeated:
+the resolved config, the seed, roar's version and git commit, the input fingerprints, and the
+software and machine it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import roar
+
+
+def git_commit() -> str | None:
+    """The commit of the roar source tree (with ``-dirty`` if it has local changes), if in git."""
+    root = Path(roar.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write via a temporary file and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def record_run(stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch.device | None = None) -> dict:
+    """Write ``config.yaml`` and ``provenance.json`` into ``stage_dir``; returns the provenance."""
+    from roar.config import dump_config
+
+    stage_dir = Path(stage_dir)
+    write_text_atomic(stage_dir / "config.yaml", dump_config(cfg))
+    info = {
+        "seed": cfg.seed,
+        "roar_version": roar.__version__,
+        "git_commit": git_commit(),
+        "inputs": inputs,
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device) if device is not None else None,
+        "cuda": torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None,
+    }
+    write_json(stage_dir / "provenance.json", info)
+    return info

@@ -1,0 +1,47 @@
+"""Checkpoints that describe themselves and never leave a half-written file behind.
+
+A checkpoint holds the model, optimiser and scheduler state, the epoch and step, and what is
+needed to rebuild the model without the original config (class names, geometry, normalisation).
+Files are written to a temporary name and renamed, so a kill at any moment leaves either the
+previous checkpoint or the new one. Loading always uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from roar.errors import RoarError
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint saved by roar, loaded safely; a missing or damaged file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise RoarError(f"checkpoint not found: {path} (run 'roar train' first)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise RoarError(
+            f"checkpoint {path} is damaged or not a roar checkpoint: {str(exc).splitlines()[0][:200]}"
+        ) from None

@@ -1,0 +1,117 @@
+"""Where training and evaluation batches come from.
+
+Two paths with one interface, ``source.batches(batch_size, generator)`` yielding
+``(images float [B, C, H, W] in [0, 1] on the device, labels, indices)``:
+
+* ``InMemorySource``: the whole split as uint8 tensors on the device (GPU when present); a batch
+  is an index into them. This is what makes small-model training fast: no per-sample Python,
+  no host-to-device copy per step.
+* ``StreamSource``: a DataLoader whose workers decode images from disk, for datasets that do
+  not fit in memory (ImageNet).
+
+Both take an optional ``transform(images, indices)`` applied to whole batches on the device
+before augmentation: this is where ROAR/KAR ablation plugs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from roar.data.base import ImageSplit
+from roar.device import pin_memory
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Transform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _permutation(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+
+
+def _batch_slices(order: torch.Tensor, batch_size: int, drop_last: bool) -> Iterator[torch.Tensor]:
+    n = len(order)
+    # A training batch of one would break BatchNorm; dropping a short tail is the usual cure.
+    stop = n - n % batch_size if drop_last and n > batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+class InMemorySource:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, transform: Transform | None = None
+    ):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.device = device
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[Batch]:
+        order = _permutation(len(self), generator)
+        for idx in _batch_slices(order, batch_size, drop_last):
+            idx_dev = idx.to(self.device)
+            images = self.images[idx_dev].float().div_(255)
+            if self.transform is not None:
+                images = self.transform(images, idx)
+            yield images, self.labels[idx_dev], idx
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Adds the index to each item so batches can be paired with per-example data (maps)."""
+
+    def __init__(self, split: ImageSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image, label = self.split[i]
+        return image, label, i
+
+
+class StreamSource:
+    def __init__(
+        self, split: ImageSplit, device: torch.device, num_workers: int = 4, transform: Transform | None = None
+    ):
+        self.split = split
+        self.device = device
+        self.num_workers = num_workers
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[Batch]:
+        data = _Indexed(self.split)
+        sampler = RandomSampler(data, generator=generator) if generator is not None else SequentialSampler(data)
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last and len(data) > batch_size,
+            num_workers=self.num_workers,
+            pin_memory=pin_memory(self.device),
+            persistent_workers=False,
+        )
+        for images, labels, idx in loader:
+            images = images.to(self.device, non_blocking=True).float().div_(255)
+            if self.transform is not None:
+                images = self.transform(images, idx)
+            yield images, labels.to(self.device, non_blocking=True), idx
+
+
+def source_for(split: ImageSplit, device: torch.device, num_workers: int = 4, transform: Transform | None = None):
+    """The in-memory path when the split holds its images, else the streaming one."""
+    if split.in_memory:
+        return InMemorySource(split.images, split.labels, device, transform)
+    return StreamSource(split, device, num_workers, transform)

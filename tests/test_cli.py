@@ -1,0 +1,65 @@
+"""The command line: exit codes, one-line errors, summaries; the Taskfile passes arguments on."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def roar(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "roar", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_misspelt_key_exits_2_with_one_line_naming_it(repo):
+    result = roar("train", "--set", "training.epocs=3", cwd=repo)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training.epocs" in lines[0] and "did you mean 'epochs'" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_exits_2(repo, tmp_path):
+    result = roar("train", "--config", str(tmp_path / "nope.yaml"), cwd=repo)
+    assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_config_prints_the_resolved_config(repo):
+    result = roar("config", "--config", "configs/smoke.yaml", "--set", "training.epochs=5", cwd=repo)
+    assert result.returncode == 0
+    assert "epochs: 5" in result.stdout and result.stdout.strip().endswith("is valid")
+
+
+def test_list_names_the_registries(repo):
+    result = roar("list", cwd=repo)
+    assert result.returncode == 0 and "shapes" in result.stdout and "resnet8" in result.stdout
+
+
+def test_train_prints_a_one_line_summary(repo, tiny_overrides):
+    sets = [x for a in [*tiny_overrides, "training.epochs=1"] for x in ("--set", a)]
+    result = roar("train", "--config", "configs/smoke.yaml", *sets, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trained resnet8 on shapes: test accuracy")
+
+
+@pytest.fixture
+def task_bin():
+    path = shutil.which("task") or str(__import__("pathlib").Path(sys.executable).parent / "task")
+    assert __import__("os").path.exists(path), "the task runner (go-task-bin) is a dev dependency"
+    return path
+
+
+def test_taskfile_lists_the_stages_and_passes_arguments(repo, task_bin):
+    listing = subprocess.run([task_bin, "--list"], cwd=repo, capture_output=True, text=True)
+    for name in ["train-cls", "demo", "test", "lint", "build-docker", "bash-docker", "docker"]:
+        assert f"* {name}:" in listing.stdout
+    dry = subprocess.run(
+        [task_bin, "--dry", "train-cls", "CONFIG=configs/smoke.yaml", "--", "--set", "training.epochs=3"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert "train --config configs/smoke.yaml --set 'training.epochs=3'" in dry.stderr + dry.stdout

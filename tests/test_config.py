@@ -1,0 +1,90 @@
+"""Config loading: strict keys with suggestions, typed values, overrides, round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from roar.config import apply_override, config_from_dict, dump_config, load_config, read_yaml
+from roar.errors import RoarError
+
+
+def error_of(raw: dict, overrides=()) -> str:
+    with pytest.raises(RoarError) as info:
+        config_from_dict(raw, overrides)
+    return str(info.value)
+
+
+def test_every_shipped_config_validates(repo):
+    for path in sorted((repo / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.name == path.stem
+
+
+def test_misspelt_key_names_it_and_suggests_the_right_one():
+    message = error_of({"training": {"epocs": 3}})
+    assert "training.epocs" in message and "did you mean 'epochs'" in message
+
+
+def test_misspelt_top_level_and_dataset_keys():
+    assert "did you mean 'model'" in error_of({"modle": {}})
+    message = error_of({"dataset": {"name": "shapes", "trian_size": 10}})
+    assert "dataset.trian_size" in message and "'train_size'" in message
+
+
+def test_unknown_component_name_suggests_a_registered_one():
+    message = error_of({"dataset": {"name": "shaps"}})
+    assert "dataset.name" in message and "did you mean 'shapes'" in message
+    assert "did you mean 'resnet8'" in error_of({"model": {"name": "resnet9"}})
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("training.epochs=-1", "training.epochs"),
+        ("training.optimizer.lr=abc", "training.optimizer.lr"),
+        ("dataset.hard_fraction=120", "dataset.hard_fraction"),
+        ("model.widths=[1,2]", "model.widths"),
+        ("training.schedule.name=linear", "training.schedule.name"),
+        ("device=gpu0", "device"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    message = error_of({}, [override])
+    assert message.split(": ", 1)[1].startswith(key), message
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    cfg = config_from_dict({}, ["training.epochs=7", "model.widths=[4, 8, 16]", "training.snapshots.every_steps=null"])
+    assert cfg.training.epochs == 7
+    assert cfg.model.widths == [4, 8, 16]
+    assert cfg.training.snapshots.every_steps is None
+    data: dict = {}
+    apply_override(data, "a.b.c=x")
+    assert data == {"a": {"b": {"c": "x"}}}
+    with pytest.raises(RoarError, match="expected dotted.key=value"):
+        apply_override(data, "novalue")
+
+
+def test_default_output_dir_follows_the_name():
+    assert str(config_from_dict({"name": "exp1"}).run_dir) == "runs/exp1"
+    assert str(config_from_dict({"name": "exp1", "output_dir": "/tmp/x"}).run_dir) == "/tmp/x"
+
+
+def test_dumped_config_loads_back_to_the_same_config(tmp_path, repo):
+    cfg = load_config(repo / "configs" / "demo.yaml", ["training.epochs=2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_file_errors_are_one_line(tmp_path):
+    with pytest.raises(RoarError, match="config file not found"):
+        read_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    with pytest.raises(RoarError, match="not valid YAML at line"):
+        read_yaml(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(RoarError, match="top level must be a mapping"):
+        read_yaml(listing)
