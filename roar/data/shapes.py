@@ -32,7 +32,7 @@ from roar.data.registry import DATASETS
 
 CLASS_NAMES = ["disk", "ring", "square", "frame", "triangle", "diamond", "plus", "cross", "star", "crescent"]
 SUPERSAMPLE = 4  # render at 4× and average: anti-aliased edges, sub-pixel masks
-GENERATOR_VERSION = 1  # bump when the images a seed produces change: invalidates caches
+GENERATOR_VERSION = 2  # bump when the images a seed produces change: invalidates caches
 
 
 class ShapesConfig(DatasetConfig):
@@ -194,7 +194,7 @@ def render(rng: np.random.Generator, label: int, tag: str, size: int, distractor
         alpha = _coverage(cls, x, y, r, rng.uniform(-0.3, 0.3), size)
         colour = _colour_against(rng, background, tag == "low_contrast")
         img = img * (1 - alpha) + colour[:, None, None] * alpha
-        mask[(alpha >= 0.5) & (mask == 0)] = value
+        mask[alpha >= 0.5] = value  # a later object covers an earlier one
 
     if tag == "occluded":  # background texture pasted over 30-50% of the object's extent
         ys, xs = np.nonzero(mask == 1)

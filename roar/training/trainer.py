@@ -113,6 +113,7 @@ def train_one_epoch(
     model.train()
     fmt = memory_format(device, cfg.channels_last)
     loss_sum, correct, seen = 0.0, 0, 0
+    lr = optimizer.param_groups[0]["lr"]
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
     for i, (images, labels, _) in enumerate(source.batches(cfg.batch_size, generator, drop_last=True)):
         images = random_crop_flip(images, cfg.augment.crop_padding, cfg.augment.flip, generator)[0]
@@ -122,6 +123,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         scheduler.step()
         step += 1
         loss_sum += loss.item() * len(labels)
@@ -131,7 +133,7 @@ def train_one_epoch(
             snapshots.save(model, epoch - 1 + (i + 1) / steps_per_epoch, step, f"step_{step:07d}")
     if not math.isfinite(loss_sum):
         raise RoarError(f"training diverged in epoch {epoch} (loss is not finite): lower training.optimizer.lr")
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}, step
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": lr}, step
 
 
 # ---------------------------------------------------------------- a whole training run
@@ -210,7 +212,6 @@ def fit(
             **train_metrics,
             "test_loss": test_metrics["loss"],
             "test_accuracy": test_metrics["accuracy"],
-            "lr": scheduler.get_last_lr()[0],
             "seconds": round(elapsed, 2),
         }
         with open(out_dir / "metrics.jsonl", "a") as f:
@@ -244,10 +245,16 @@ def fit(
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Keep only the metric lines of epochs a resumed run will not redo."""
+    """Keep only the metric lines of epochs a resumed run will not redo (and no torn line)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
