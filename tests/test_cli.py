@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -47,13 +48,14 @@ def test_train_prints_a_one_line_summary(repo, tiny_overrides):
 
 @pytest.fixture
 def task_bin():
-    path = shutil.which("task") or str(__import__("pathlib").Path(sys.executable).parent / "task")
-    assert __import__("os").path.exists(path), "the task runner (go-task-bin) is a dev dependency"
+    path = shutil.which("task") or os.path.join(os.path.dirname(sys.executable), "task")
+    assert os.path.exists(path), "the task runner (go-task-bin) is a dev dependency"
     return path
 
 
 def test_taskfile_lists_the_stages_and_passes_arguments(repo, task_bin):
-    listing = subprocess.run([task_bin, "--list"], cwd=repo, capture_output=True, text=True)
+    env = {**os.environ, "NO_COLOR": "1"}  # CI=true makes task colour its output otherwise
+    listing = subprocess.run([task_bin, "--list"], cwd=repo, capture_output=True, text=True, env=env)
     for name in ["train-cls", "demo", "test", "lint", "build-docker", "bash-docker", "docker"]:
         assert f"* {name}:" in listing.stdout
     dry = subprocess.run(
@@ -61,5 +63,6 @@ def test_taskfile_lists_the_stages_and_passes_arguments(repo, task_bin):
         cwd=repo,
         capture_output=True,
         text=True,
+        env=env,
     )
     assert "train --config configs/smoke.yaml --set 'training.epochs=3'" in dry.stderr + dry.stdout

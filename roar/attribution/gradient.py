@@ -1,0 +1,46 @@
+"""Plain gradients (Simonyan et al. 2014) and gradient × input (Shrikumar et al. 2016).
+
+Both come from the same single backward pass: requested together, they share it.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from roar.attribution.base import Attribution, MethodConfig
+from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.attribution.registry import register
+
+
+class GradientConfig(MethodConfig):
+    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, description="inputs per forward/backward pass")
+
+
+class _GradientFamily(Attribution):
+    config = GradientConfig
+
+    def shared_key(self):
+        return ("gradient",)
+
+    def compute_shared(self, model, images, targets, *, generator=None, context=None):
+        return input_gradients(model, images, targets, max_batch=self.params.max_batch)
+
+
+@register
+class Gradient(_GradientFamily):
+    """∂ logit_c / ∂x."""
+
+    name = "gradient"
+
+    def from_shared(self, shared, images):
+        return shared
+
+
+@register
+class GradXInput(_GradientFamily):
+    """x ⊙ ∂ logit_c / ∂x."""
+
+    name = "grad_x_input"
+
+    def from_shared(self, shared, images):
+        return images * shared
