@@ -46,6 +46,23 @@ def cmd_train(args) -> str:
     )
 
 
+def cmd_extract(args) -> str:
+    from roar.attribution.extract import extract
+
+    cfg = _load(args)
+    s = extract(cfg)
+    splits = ", ".join(f"{r['split']} ({r['images']})" for r in s["splits"])
+    return f"extracted {len(s['methods'])} methods for {splits} in {s['seconds']:.0f} s -> {s['output']}"
+
+
+def cmd_inspect(args) -> str:
+    from roar.attribution.store import describe
+
+    for path in args.files:
+        print(describe(path))
+    return ""
+
+
 def cmd_config(args) -> str:
     from roar.config import dump_config
 
@@ -55,10 +72,11 @@ def cmd_config(args) -> str:
 
 
 def cmd_list(args) -> str:
+    from roar.attribution import METHODS
     from roar.data import DATASETS
     from roar.models import MODELS
 
-    registries = {"datasets": DATASETS, "models": MODELS}
+    registries = {"datasets": DATASETS, "models": MODELS, "methods": METHODS}
     for kind in [args.kind] if args.kind else registries:
         print(f"{kind}: {', '.join(registries[kind].names())}")
     return ""
@@ -78,12 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming from it")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("extract", help="attribution maps of every configured method (task extract-attribution-maps)")
+    _config_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("inspect", help="what an attribution store holds: methods, sizes, provenance, completeness")
+    p.add_argument("files", nargs="+", metavar="FILE.h5")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("config", help="validate a config and print it with every default resolved")
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("list", help="list registered datasets and models")
-    p.add_argument("kind", nargs="?", choices=["datasets", "models"])
+    p.add_argument("kind", nargs="?", choices=["datasets", "models", "methods"])
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from roar.data import DATASETS
@@ -70,6 +70,94 @@ class TrainingConfig(Section):
     num_workers: int = Field(4, ge=0, description="loader workers for datasets streamed from disk")
 
 
+DEFAULT_METHODS = [
+    "gradient",
+    "grad_x_input",
+    "integrated_gradients",
+    "guided_backprop",
+    "smoothgrad",
+    "smoothgrad_sq",
+    "vargrad",
+    "gradcam",
+    "random",
+    "sobel",
+]
+
+
+class MethodEntry(Section):
+    """One map to extract: ``name`` in the store, the ``method`` computing it, its parameters.
+
+    In YAML an entry is a method name (``vargrad``), or a mapping with ``name`` and the method's
+    parameters (``{name: integrated_gradients, steps: 32}``); ``method`` renames
+    (``{name: ig_white, method: integrated_gradients, baseline: white}``); a dotted ``method`` is
+    a plug-in function called with ``kwargs`` (``{name: mine, method: pkg.mod.fn, kwargs: {...}}``).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def is_plugin(self) -> bool:
+        return "." in self.method
+
+
+def _method_entry(index: int, raw: Any) -> MethodEntry:
+    from roar.attribution import METHODS, create
+
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ValueError(f"[{index}]: expected a method name or a mapping with 'name'")
+    params = {k: v for k, v in raw.items() if k not in ("name", "method")}
+    method = str(raw.get("method", raw["name"]))
+    if "." in method:
+        unknown = set(params) - {"kwargs"}
+        if unknown:
+            raise ValueError(
+                f"[{index}] {raw['name']}: a plug-in takes only 'kwargs', not {', '.join(sorted(unknown))}"
+            )
+    else:
+        if method not in METHODS:
+            hint = closest(method, METHODS.names())
+            raise ValueError(f"[{index}]: unknown attribution method '{method}'{hint}")
+        try:
+            create(method, **params)
+        except RoarError as exc:
+            raise ValueError(f"[{index}] {exc}") from None
+    return MethodEntry(name=str(raw["name"]), method=method, params=params)
+
+
+class AttributionConfig(Section):
+    """``roar extract``: which maps to compute for which splits, and how to store them."""
+
+    methods: list[Any] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    splits: list[Literal["train", "test"]] = Field(default_factory=lambda: ["train", "test"])
+    target: Literal["predicted", "label"] = Field("predicted", description="class whose logit is attributed")
+    reduction: Literal["sum_squares", "sum_abs", "max_abs", "none"] = "sum_squares"
+    batch_size: int = Field(128, ge=1, description="images per extraction batch")
+    max_batch: int = Field(
+        512, ge=1, description="inputs per forward/backward pass (memory budget), unless a method sets its own"
+    )
+    references: int = Field(256, ge=1, description="training images drawn as expected-gradients baselines")
+    compression: Literal["lzf", "gzip", "none"] = "lzf"
+    amp: bool = Field(False, description="bf16 autocast on CUDA while attributing")
+    num_workers: int = Field(2, ge=0, description="loader workers for datasets read from disk")
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, methods: list[Any]) -> list[Any]:
+        entries = [_method_entry(i, raw) for i, raw in enumerate(methods)]
+        names = [e.name for e in entries]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"method names must be unique; repeated: {', '.join(duplicates)}")
+        return methods
+
+    def entries(self) -> list[MethodEntry]:
+        return [_method_entry(i, raw) for i, raw in enumerate(self.methods)]
+
+
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: Path | None = Field(None, description="where the run writes; default runs/<name>")
@@ -78,6 +166,7 @@ class RunConfig(Section):
     dataset: DatasetSection = Field(default_factory=lambda: DATASETS.config_class("shapes")())
     model: ModelSection = Field(default_factory=lambda: MODELS.config_class("resnet8")())
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
 
     @model_validator(mode="before")
     @classmethod

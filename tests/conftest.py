@@ -32,3 +32,25 @@ def tiny_overrides(data_root, tmp_path) -> list[str]:
         "training.epochs=3",
         "training.batch_size=64",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_root):
+    """A small ResNet8 trained for a few seconds on shapes: a model whose logits mean something."""
+    from roar.config import load_config
+    from roar.training import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [
+            f"dataset.root={data_root}",
+            f"output_dir={out}",
+            "dataset.train_size=1536",
+            "dataset.test_size=256",
+            "model.widths=[16,16,32]",
+            "training.epochs=6",
+        ],
+    )
+    train(cfg)
+    return cfg

@@ -72,9 +72,13 @@ class Attribution:
     def from_shared(self, shared: Any, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def attribute(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, generator, context) -> torch.Tensor:
+    def attribute(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, generator, context
+    ) -> torch.Tensor:
         if self.shared_key() is not None:
-            return self.from_shared(self.compute_shared(model, images, targets, generator=generator, context=context), images)
+            return self.from_shared(
+                self.compute_shared(model, images, targets, generator=generator, context=context), images
+            )
         raise NotImplementedError
 
     def __call__(

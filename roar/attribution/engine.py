@@ -60,7 +60,7 @@ def input_gradients(
     """
     grads = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
     targets = targets.to(inputs.device)
-    with frozen(model), (rules() if rules is not None else contextlib.nullcontext()):
+    with frozen(model), rules() if rules is not None else contextlib.nullcontext():
         for start in range(0, len(inputs), max_batch):
             stop = min(start + max_batch, len(inputs))
             x = inputs[start:stop].detach().clone().requires_grad_(True)
@@ -73,7 +73,9 @@ def input_gradients(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, max_batch: int = DEFAULT_MAX_BATCH, amp: bool = False) -> torch.Tensor:
+def predict(
+    model: nn.Module, images: torch.Tensor, max_batch: int = DEFAULT_MAX_BATCH, amp: bool = False
+) -> torch.Tensor:
     """Predicted classes [B] in eval mode."""
     was_training = model.training
     model.eval()

@@ -63,8 +63,8 @@ def path_gradients(model, images, starts, alphas, weights, targets, max_batch: i
     """
     b = len(images)
     s = alphas.shape[0]
-    alphas = alphas.to(images.device).expand(s, b) if alphas.ndim == 1 else alphas.to(images.device)
-    weights = weights.to(images.device).expand(s, b) if weights.ndim == 1 else weights.to(images.device)
+    alphas = alphas.to(images.device).view(s, 1).expand(s, b) if alphas.ndim == 1 else alphas.to(images.device)
+    weights = weights.to(images.device).view(s, 1).expand(s, b) if weights.ndim == 1 else weights.to(images.device)
     total = torch.zeros_like(images, dtype=torch.float32)
     steps_per_chunk = max(1, max_batch // max(b, 1))
     for s0 in range(0, s, steps_per_chunk):

@@ -91,7 +91,10 @@ class NoiseTunnel(Attribution):
 
             return input_gradients(model, noisy, targets, max_batch=self.params.max_batch, rules=guided_relu)
         p = IntegratedGradientsConfig(
-            steps=self.params.steps, baseline=self.params.baseline, rule=self.params.rule, max_batch=self.params.max_batch
+            steps=self.params.steps,
+            baseline=self.params.baseline,
+            rule=self.params.rule,
+            max_batch=self.params.max_batch,
         )
         return integrated_gradients(model, noisy, targets, p)
 
@@ -117,7 +120,9 @@ class NoiseTunnel(Attribution):
 
 
 def _tunnel(name: str, base: str, statistic: str, config=NoiseConfig, doc: str = ""):
-    cls = type(name, (NoiseTunnel,), {"name": name, "base": base, "statistic": statistic, "config": config, "__doc__": doc})
+    cls = type(
+        name, (NoiseTunnel,), {"name": name, "base": base, "statistic": statistic, "config": config, "__doc__": doc}
+    )
     return register(cls)
 
 
@@ -126,7 +131,11 @@ _STATS = {
     "smoothgrad_sq": ("mean_square", "mean of the squared base attribution over noisy copies (SG²)"),
     "vargrad": ("variance", "variance of the base attribution over noisy copies"),
 }
-_BASES = {"": ("gradient", NoiseConfig), "ig_": ("integrated_gradients", IGNoiseConfig), "gb_": ("guided_backprop", NoiseConfig)}
+_BASES = {
+    "": ("gradient", NoiseConfig),
+    "ig_": ("integrated_gradients", IGNoiseConfig),
+    "gb_": ("guided_backprop", NoiseConfig),
+}
 
 TUNNELS = {
     prefix + stat: _tunnel(prefix + stat, base, statistic, config, f"{base}: {doc}")

@@ -1,0 +1,108 @@
+"""Grad-CAM against Captum's LayerGradCam + bilinear interpolation, and layer resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from roar.attribution.gradcam import GradCAM, resolve_layer
+from roar.attribution.registry import METHODS
+from roar.errors import RoarError
+from roar.models.base import Classifier
+from roar.models.resnet8 import ResNet8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def resnet8() -> Classifier:
+    torch.manual_seed(0)
+    model = Classifier(ResNet8(num_classes=10, widths=(8, 16, 16)), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    model = resnet8()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    return model, images, targets
+
+
+def captum_gradcam(model, layer, images, targets):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    cam = LayerGradCam(model, layer).attribute(images, target=targets, relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(images.shape[2:]), interpolate_mode="bilinear").detach()
+
+
+@pytest.mark.parametrize("layer,module", [("layer3", "net.layer3"), ("net.layer2", "net.layer2"), ("stem", "net.stem")])
+def test_matches_captum(batch, layer, module):
+    model, images, targets = batch
+    ours = GradCAM(layer=layer)(model, images, targets)
+    reference = captum_gradcam(model, dict(model.named_modules())[module], images, targets)
+    assert ours.shape == (4, 1, 32, 32) and ours.dtype == torch.float32
+    assert reference.abs().max() > 0
+    assert float((ours - reference).abs().max() / reference.abs().max()) < 1e-4
+    assert (ours >= 0).all()
+
+
+def test_auto_is_last_conv_stage(batch):
+    model, images, targets = batch
+    assert resolve_layer(model, "auto", images)[0] == "net.layer3"
+    assert torch.equal(GradCAM()(model, images, targets), GradCAM(layer="net.layer3")(model, images, targets))
+    assert METHODS.create("gradcam").params.layer == "auto"
+
+
+def test_layer_names():
+    model = resnet8()
+    assert resolve_layer(model, "layer3") == ("net.layer3", model.net.layer3)
+    assert resolve_layer(model, "layer1.conv2")[0] == "net.layer1.conv2"
+    with pytest.raises(RoarError, match=r"unknown layer 'layr3' \(did you mean 'layer3'\?\)"):
+        GradCAM(layer="layr3")(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(RoarError, match="ambiguous: net.layer1.conv1, net.layer2.conv1"):
+        resolve_layer(model, "conv1")
+
+
+def test_relu_flag_and_deterministic(batch):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model, images, targets = batch
+    signed = GradCAM(layer="layer2", relu=False)(model, images, targets)
+    reference = LayerGradCam(model, model.net.layer2).attribute(images, target=targets, relu_attributions=False)
+    reference = LayerAttribution.interpolate(reference, (32, 32), interpolate_mode="bilinear").detach()
+    assert (signed < 0).any()
+    assert float((signed - reference).abs().max() / reference.abs().max()) < 1e-4
+    rectified = GradCAM(layer="layer2")(model, images, targets)
+    assert torch.equal(rectified, GradCAM(layer="layer2")(model, images, targets))
+    assert torch.allclose(rectified, GradCAM(layer="layer2", max_batch=3)(model, images, targets), atol=1e-6)
+
+
+def test_leaves_model_untouched(batch):
+    model, images, targets = batch
+    model.train()
+    GradCAM(layer="layer3")(model, images, targets)
+    assert model.training
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+    model.eval()
+
+
+def test_non_spatial_layer_rejected(batch):
+    model, images, targets = batch
+    with pytest.raises(RoarError, match=r"\[B, C, h, w\]"):
+        GradCAM(layer="fc")(model, images, targets)

@@ -1,0 +1,135 @@
+"""The extraction stage: stores for both splits, shared passes, SIGKILL-resume equality, refusals."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from roar.attribution import create
+from roar.attribution.extract import extract, store_path
+from roar.attribution.store import AttributionStore
+from roar.config import load_config
+from roar.data import build_dataset
+from roar.errors import RoarError
+from roar.training import load_trained_model
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def nan_method(model, images, targets):
+    """A plug-in that breaks on the fifth image of the split."""
+    out = torch.zeros(images.shape[0], 1, *images.shape[2:])
+    return out.fill_(float("nan")) if images.shape[0] > 5 else out
+
+
+def run_copy(trained_run, tmp_path, name, overrides=()):
+    """A config for a new output dir that holds a copy of the trained model."""
+    out = tmp_path / name
+    shutil.copytree(trained_run.run_dir / "train", out / "train")
+    base = [f"{k}={v}" for k, v in (("output_dir", out), ("dataset.root", trained_run.dataset.root))]
+    sizes = [
+        f"dataset.train_size={trained_run.dataset.train_size}",
+        f"dataset.test_size={trained_run.dataset.test_size}",
+        f"model.widths={trained_run.model.widths}",
+        f"training.epochs={trained_run.training.epochs}",
+    ]
+    return load_config(REPO / "configs" / "smoke.yaml", [*base, *sizes, *overrides]), [*base, *sizes, *overrides]
+
+
+def test_extract_writes_complete_stores_for_both_splits(trained_run, tmp_path):
+    cfg, _ = run_copy(trained_run, tmp_path, "both")
+    summary = extract(cfg)
+    dataset = build_dataset(cfg.dataset)
+    names = [e.name for e in cfg.attribution.entries()]
+    for split in ("train", "test"):
+        with AttributionStore.open(store_path(cfg, split)) as store:
+            data = dataset.split(split)
+            store.validate_for(
+                dataset="shapes",
+                split=split,
+                n=len(data),
+                geometry=data.geometry,
+                dataset_fingerprint=data.fingerprint(),
+            )
+            assert store.methods == names
+            np.testing.assert_array_equal(store.labels, data.labels.numpy())
+            np.testing.assert_array_equal(store.read("ground_truth"), (data.masks == 1).float().numpy())
+            assert (store.read("vargrad") >= 0).all()
+    assert summary["methods"] == names
+    # The stored gradient is the reduced gradient of the predicted class, to float16 precision.
+    model, _ = load_trained_model(cfg.run_dir / "train" / "model.pt")
+    images = dataset.test.images[:16].float() / 255
+    expected = create("gradient")(model, images, model(images).argmax(1)).square().sum(1)
+    with AttributionStore.open(store_path(cfg, "test")) as store:
+        stored = torch.from_numpy(store.read("gradient", 0, 16))
+    scale = expected.flatten(1).abs().amax(1).view(-1, 1, 1)
+    assert ((stored - expected).abs() / scale).max() < 2e-3
+
+
+def test_adding_a_method_computes_only_that_method(trained_run, tmp_path, monkeypatch):
+    cfg, sets = run_copy(trained_run, tmp_path, "grow", ["attribution.methods=[gradient]", "attribution.splits=[test]"])
+    extract(cfg)
+    calls = []
+    original = type(create("gradient")).compute_shared
+    monkeypatch.setattr(
+        type(create("gradient")), "compute_shared", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    grown = load_config(REPO / "configs" / "smoke.yaml", [*sets, "attribution.methods=[gradient, sobel]"])
+    extract(grown)
+    assert calls == []
+    with AttributionStore.open(store_path(grown, "test")) as store:
+        assert store.methods == ["gradient", "sobel"]
+
+
+def test_nan_maps_are_refused_naming_method_and_image(trained_run, tmp_path):
+    method = "[{name: broken, method: tests.test_extract.nan_method}]"
+    cfg, _ = run_copy(trained_run, tmp_path, "nan", [f"attribution.methods={method}", "attribution.splits=[test]"])
+    with pytest.raises(RoarError, match="method 'broken' produced NaN at image index 0"):
+        extract(cfg)
+    with pytest.raises(RoarError, match="unfinished|no attribution store"):
+        AttributionStore.open(store_path(cfg, "test"))
+
+
+def test_a_model_trained_on_other_data_is_refused(trained_run, tmp_path):
+    cfg, _ = run_copy(trained_run, tmp_path, "other", ["dataset.seed=7"])
+    with pytest.raises(RoarError, match="trained on another dataset"):
+        extract(cfg)
+
+
+def test_sigkill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tmp_path):
+    extra = ["attribution.splits=[train]", "attribution.batch_size=256"]
+    killed_cfg, killed_sets = run_copy(trained_run, tmp_path, "killed", extra)
+    straight_cfg, straight_sets = run_copy(trained_run, tmp_path, "straight", extra)
+
+    def command(sets):
+        args = [x for s in sets for x in ("--set", s)]
+        return [sys.executable, "-m", "roar", "extract", "--config", "configs/smoke.yaml", *args]
+
+    staging = store_path(killed_cfg, "train").with_name("train.h5.staging")
+    proc = subprocess.Popen(command(killed_sets), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if staging.exists() and len(list(staging.rglob("*.npz"))) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not store_path(killed_cfg, "train").exists(), "the extraction finished before it could be killed"
+
+    resumed = subprocess.run(command(killed_sets), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    extract(straight_cfg)
+    with (
+        AttributionStore.open(store_path(killed_cfg, "train")) as a,
+        AttributionStore.open(store_path(straight_cfg, "train")) as b,
+    ):
+        assert a.methods == b.methods
+        for method in a.methods:
+            np.testing.assert_array_equal(a.read(method), b.read(method), err_msg=method)
