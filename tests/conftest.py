@@ -54,3 +54,14 @@ def trained_run(tmp_path_factory, data_root):
     )
     train(cfg)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: fastest, and immune to a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

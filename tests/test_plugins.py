@@ -23,12 +23,8 @@ from roar.models.resnet8 import ResNet8
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: see ``one_thread`` in conftest."""
 
 
 def full_map(model, images, targets, scale=1.0):

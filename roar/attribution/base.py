@@ -25,13 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from roar.attribution.engine import DEFAULT_MAX_BATCH
 from roar.schema import Section
 
 
 class MethodConfig(Section):
     """Parameters every method accepts; each method extends it with its own."""
+
+
+class EngineConfig(MethodConfig):
+    """Parameters of methods that run the model: how many inputs go through it at once."""
+
+    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, description="inputs per forward/backward pass: the memory budget")
 
 
 @dataclass
@@ -60,7 +68,7 @@ class Attribution:
 
     @property
     def passes(self) -> int:
-        return 1
+        return 1 if self.requires_model else 0
 
     def shared_key(self) -> tuple | None:
         """Methods returning equal keys are computed from one ``shared`` result; None: no sharing."""

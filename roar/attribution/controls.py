@@ -31,10 +31,6 @@ class RandomMap(Attribution):
     config = ControlConfig
     requires_model = False
 
-    @property
-    def passes(self) -> int:
-        return 0
-
     def attribute(self, model, images: torch.Tensor, targets: torch.Tensor, *, generator, context) -> torch.Tensor:
         shape = (len(images), 1, *images.shape[2:])
         return torch.rand(shape, generator=generator, device=generator.device).to(images.device)
@@ -72,10 +68,6 @@ class Sobel(Attribution):
     config = ControlConfig
     requires_model = False
 
-    @property
-    def passes(self) -> int:
-        return 0
-
     def attribute(self, model, images: torch.Tensor, targets: torch.Tensor, *, generator, context) -> torch.Tensor:
         return sobel_magnitude(images)
 
@@ -87,10 +79,6 @@ class GroundTruth(Attribution):
     name = "ground_truth"
     config = ControlConfig
     requires_model = False
-
-    @property
-    def passes(self) -> int:
-        return 0
 
     def attribute(self, model, images: torch.Tensor, targets: torch.Tensor, *, generator, context) -> torch.Tensor:
         masks = context.masks if context is not None else None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from roar.attribution.base import Attribution, MethodConfig
+from roar.attribution.base import Attribution, EngineConfig
 from roar.attribution.engine import DEFAULT_MAX_BATCH, frozen, select
 from roar.attribution.registry import register
 from roar.errors import RoarError
@@ -134,13 +134,12 @@ def gradcam(
     return out
 
 
-class GradCAMConfig(MethodConfig):
+class GradCAMConfig(EngineConfig):
     layer: str = Field(
         "auto",
         description="module name (model.named_modules(), or relative to the wrapped net); auto = last conv stage",
     )
     relu: bool = Field(True, description="ReLU on the weighted sum (Grad-CAM); False keeps negative evidence")
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, description="images per forward/backward chunk")
 
 
 @register

@@ -5,19 +5,13 @@ Both come from the same single backward pass: requested together, they share it.
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from roar.attribution.base import Attribution, MethodConfig
-from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.attribution.base import Attribution, EngineConfig
+from roar.attribution.engine import input_gradients
 from roar.attribution.registry import register
 
 
-class GradientConfig(MethodConfig):
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, description="inputs per forward/backward pass")
-
-
 class _GradientFamily(Attribution):
-    config = GradientConfig
+    config = EngineConfig
 
     def shared_key(self):
         return ("gradient",)

@@ -27,12 +27,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 from torch.overrides import has_torch_function_unary
 
-from roar.attribution.base import Attribution, MethodConfig
-from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.attribution.base import Attribution, EngineConfig
+from roar.attribution.engine import input_gradients
 from roar.attribution.registry import register
 
 # (owner, attribute, make): within the context ``owner.attribute`` becomes ``make(original)``.
@@ -135,16 +134,12 @@ def guided_relu() -> contextlib.AbstractContextManager:
     )
 
 
-class GuidedBackpropConfig(MethodConfig):
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, description="inputs per forward/backward chunk")
-
-
 @register
 class GuidedBackprop(Attribution):
     """∂ logit_target / ∂ input with guided ReLU backward passes: [B, C, H, W]."""
 
     name = "guided_backprop"
-    config = GuidedBackpropConfig
+    config = EngineConfig
 
     def attribute(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, generator, context

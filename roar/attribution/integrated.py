@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from roar.attribution.base import Attribution, MethodConfig
-from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.attribution.base import Attribution, EngineConfig
+from roar.attribution.engine import input_gradients
 from roar.attribution.registry import register
 from roar.errors import RoarError
 
@@ -78,11 +78,10 @@ def path_gradients(model, images, starts, alphas, weights, targets, max_batch: i
     return total
 
 
-class IntegratedGradientsConfig(MethodConfig):
+class IntegratedGradientsConfig(EngineConfig):
     steps: int = Field(50, ge=1, le=10_000)
     baseline: Literal["black", "white", "mean"] | float = "black"
     rule: Rule = "gausslegendre"
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1)
 
 
 def integrated_gradients(model, images, targets, p: IntegratedGradientsConfig) -> torch.Tensor:
@@ -106,9 +105,8 @@ class IntegratedGradients(Attribution):
         return integrated_gradients(model, images, targets, self.params)
 
 
-class ExpectedGradientsConfig(MethodConfig):
+class ExpectedGradientsConfig(EngineConfig):
     samples: int = Field(50, ge=1, le=10_000, description="draws of (reference image, α) per image")
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1)
 
 
 @register

@@ -16,8 +16,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from roar.attribution.base import Attribution, MethodConfig
-from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.attribution.base import Attribution, EngineConfig
+from roar.attribution.engine import input_gradients
 from roar.attribution.integrated import IntegratedGradientsConfig, Rule, integrated_gradients
 from roar.attribution.registry import register
 
@@ -55,10 +55,9 @@ def noise_sigma(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return (sigma * (flat.max(1).values - flat.min(1).values)).view(-1, *([1] * (images.ndim - 1)))
 
 
-class NoiseConfig(MethodConfig):
+class NoiseConfig(EngineConfig):
     samples: int = Field(25, ge=1, le=10_000, description="noisy copies per image")
     sigma: float = Field(0.15, ge=0, description="noise std as a fraction of each image's value range")
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1)
 
 
 class IGNoiseConfig(NoiseConfig):
