@@ -1,0 +1,512 @@
+"""Speed of roar's attribution engine against Captum, on the CPU, measured in one process.
+
+    python -m benchmarks.attribution [--quick | --full] [--write docs/benchmarks.md]
+
+Everything runs on a ResNet8 behind ``Classifier`` normalisation, in eval mode, with random
+weights (speed does not depend on them), and on fixed random 32×32 images; every comparison uses
+the same model, inputs, targets and chunk size (``max_batch`` inputs per forward/backward pass):
+
+1. Integrated Gradients, 50 Gauss–Legendre steps: roar's ``integrated_gradients`` against Captum's
+   ``IntegratedGradients`` (``internal_batch_size`` = the same chunk) and against the floor.
+2. SmoothGrad, 25 samples: roar's ``smoothgrad`` against Captum's ``NoiseTunnel(Saliency)``
+   (``nt_samples_batch_size`` = the same number of copies per pass).
+3. The ROAR paper's grid {gradient, IG, guided backprop} × {base, SmoothGrad, SmoothGrad², VarGrad}:
+   roar's 12 methods extracted together as the extraction stage does (each distinct ``shared_key``
+   computed once) against Captum's 12 methods called one by one.
+
+The floor of a method is the time its forward/backward passes alone would take: passes per image
+× images ÷ the throughput (inputs/s) of one ``input_gradients`` call on ``max_batch`` inputs.
+"% of floor" is floor time ÷ measured time (100 % = no overhead beyond the passes).
+
+Each measured callable runs once to warm up, then ``repeats`` rounds in which the callables of a
+comparison alternate (a change in machine load hits both sides alike); the best round counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from roar.attribution import Context, create
+from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.models.base import Classifier
+from roar.models.resnet8 import ResNet8
+
+SECTION = "## Attribution engine"
+INTRO = (
+    "# Benchmarks\n\n"
+    "Figures produced by `task bench`; ratios against a reference measured in the same run "
+    "(same process, model, inputs and chunk sizes), so they hold up when absolute speeds vary with "
+    "the machine and its load.\n"
+)
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+SMALL, SEED = (16, 32, 64), (64, 128, 256)
+GRID = [
+    "gradient",
+    "smoothgrad",
+    "smoothgrad_sq",
+    "vargrad",
+    "integrated_gradients",
+    "ig_smoothgrad",
+    "ig_smoothgrad_sq",
+    "ig_vargrad",
+    "guided_backprop",
+    "gb_smoothgrad",
+    "gb_smoothgrad_sq",
+    "gb_vargrad",
+]
+NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+SIGMA = 0.15
+
+# Targets: IG-50 speed-up over Captum, IG-50 share of the floor, grid time relative to Captum.
+IG_SPEEDUP, IG_FLOOR, GRID_RATIO = 1.2, 0.90, 0.40
+
+
+@dataclass(frozen=True)
+class Settings:
+    images: int  # batch of the IG-50 and SmoothGrad-25 measurements
+    grid_images: int
+    grid_steps: int
+    grid_samples: int
+    repeats: int
+    grid_repeats: int
+    widths: tuple[tuple[int, int, int], ...]
+    ig_steps: int = 50
+    sg_samples: int = 25
+    max_batch: int = DEFAULT_MAX_BATCH
+
+
+PRESETS = {
+    "quick": Settings(8, 4, 8, 4, repeats=1, grid_repeats=1, widths=(SMALL,)),
+    "default": Settings(32, 16, 16, 8, repeats=3, grid_repeats=2, widths=(SMALL,)),
+    "full": Settings(32, 16, 16, 8, repeats=3, grid_repeats=2, widths=(SMALL, SEED)),
+}
+
+
+def best_of(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, tuple[float, object]]:
+    """Best wall time of each callable (and what it returned in that round), callables interleaved."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    best: dict[str, tuple[float, object]] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t0
+            if name not in best or dt < best[name][0]:
+                best[name] = (dt, out)
+    return best
+
+
+def make_model(widths: tuple[int, int, int]) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(ResNet8(10, 3, widths), MEAN, STD).eval()
+
+
+def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def floor_throughput(model, s: Settings) -> float:
+    """Inputs/s of one ``input_gradients`` call on a batch of ``max_batch`` inputs."""
+    x, t = batch(s.max_batch, seed=2)
+    (dt, _) = best_of({"floor": lambda: input_gradients(model, x, t, max_batch=s.max_batch)}, max(3, s.repeats))[
+        "floor"
+    ]
+    return s.max_batch / dt
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+
+def roar_grid(model, x, t, s: Settings) -> Callable[[], dict[str, float]]:
+    """The 12 methods computed together: each distinct ``shared_key`` once, the others directly."""
+    methods = {}
+    for name in GRID:
+        params: dict = {"max_batch": s.max_batch}
+        if name.startswith("ig_") or name == "integrated_gradients":
+            params["steps"] = s.grid_steps
+        if name not in ("gradient", "integrated_gradients", "guided_backprop"):
+            params["samples"] = s.grid_samples
+        methods[name] = create(name, **params)
+
+    def run() -> dict[str, float]:
+        shared: dict = {}
+        parts: dict[str, float] = {}
+        for name, method in methods.items():
+            key = method.shared_key()
+            generator = torch.Generator().manual_seed(zlib.crc32(repr(key if key is not None else name).encode()))
+            t0 = time.perf_counter()
+            if key is None:
+                method(model, x, t, generator=generator)
+            else:
+                if key not in shared:
+                    shared[key] = method.compute_shared(model, x, t, generator=generator, context=Context())
+                method.from_shared(shared[key], x).float()
+            parts[name] = time.perf_counter() - t0
+        return parts
+
+    run.passes = sum(  # type: ignore[attr-defined]
+        m.passes for i, (n, m) in enumerate(methods.items()) if _first_of_key(methods, n, i)
+    )
+    return run
+
+
+def _first_of_key(methods: dict, name: str, index: int) -> bool:
+    key = methods[name].shared_key()
+    return key is None or all(m.shared_key() != key for m in list(methods.values())[:index])
+
+
+def captum_grid(model, x, t, s: Settings) -> Callable[[], dict[str, float]]:
+    """Captum's 12 methods one by one, with the same steps, samples, σ and chunk sizes as roar."""
+    from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
+
+    b = len(x)
+    bases = {
+        "gradient": (Saliency(model), {"abs": False}, 1),
+        "integrated_gradients": (
+            IntegratedGradients(model),
+            {"baselines": 0.0, "n_steps": s.grid_steps, "method": "gausslegendre", "internal_batch_size": s.max_batch},
+            s.grid_steps,
+        ),
+        "guided_backprop": (GuidedBackprop(model), {}, 1),
+    }
+
+    def run() -> dict[str, float]:
+        parts: dict[str, float] = {}
+        for base, (algo, kwargs, steps) in bases.items():
+            t0 = time.perf_counter()
+            algo.attribute(x, target=t, **kwargs)
+            parts[base] = time.perf_counter() - t0
+            copies = max(1, s.max_batch // (b * steps))  # roar's copies per pass
+            prefix = {"gradient": "", "integrated_gradients": "ig_", "guided_backprop": "gb_"}[base]
+            for nt_type in NT_TYPES:
+                t0 = time.perf_counter()
+                NoiseTunnel(algo).attribute(
+                    x,
+                    nt_type=nt_type,
+                    nt_samples=s.grid_samples,
+                    nt_samples_batch_size=copies,
+                    stdevs=SIGMA,
+                    target=t,
+                    **kwargs,
+                )
+                parts[prefix + nt_type] = time.perf_counter() - t0
+        return parts
+
+    # Each base alone, then each of the three tunnels over it with its own noisy passes.
+    run.passes = (s.grid_steps + 2) * (1 + 3 * s.grid_samples)  # type: ignore[attr-defined]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Row:
+    model: str
+    name: str
+    unit: str  # "img/s" or "s"
+    roar: float
+    captum: float
+    floor: float  # same unit
+    target: str = ""
+    met: str = ""
+
+    @property
+    def time_ratio(self) -> float:
+        """roar's time ÷ Captum's time."""
+        return self.roar / self.captum if self.unit == "s" else self.captum / self.roar
+
+    @property
+    def floor_share(self) -> float:
+        """floor time ÷ roar's time."""
+        return self.floor / self.roar if self.unit == "s" else self.roar / self.floor
+
+
+def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    label = "ResNet8 " + "/".join(map(str, widths))
+    model = make_model(widths)
+    info: dict = {"label": label}
+    rows: list[Row] = []
+
+    log(f"[{label}] floor: input_gradients on {s.max_batch} inputs")
+    throughput = floor_throughput(model, s)
+    info["throughput"] = throughput
+    log(f"[{label}]   {throughput:.1f} inputs/s")
+
+    x, t = batch(s.images)
+    ig = create("integrated_gradients", steps=s.ig_steps, rule="gausslegendre", max_batch=s.max_batch)
+    captum_ig = IntegratedGradients(model)
+    log(f"[{label}] IG-{s.ig_steps} on {s.images} images")
+    r = best_of(
+        {
+            "roar": lambda: ig(model, x, t),
+            "captum": lambda: captum_ig.attribute(
+                x,
+                baselines=0.0,
+                target=t,
+                n_steps=s.ig_steps,
+                method="gausslegendre",
+                internal_batch_size=s.max_batch,
+            ),
+        },
+        s.repeats,
+    )
+    ours, theirs = r["roar"][1], r["captum"][1]
+    info["ig_max_diff"] = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
+    floor_ips = throughput / ig.passes
+    speedup = r["captum"][0] / r["roar"][0]
+    share = (s.images / r["roar"][0]) / floor_ips
+    rows.append(
+        Row(
+            label,
+            f"IG-{s.ig_steps} ({s.images} images)",
+            "img/s",
+            s.images / r["roar"][0],
+            s.images / r["captum"][0],
+            floor_ips,
+            f"≥ {IG_SPEEDUP}× Captum, ≥ {IG_FLOOR:.0%} of floor",
+            _yes(speedup >= IG_SPEEDUP) + ", " + _yes(share >= IG_FLOOR),
+        )
+    )
+    info["ig_targets"] = (speedup >= IG_SPEEDUP, share >= IG_FLOOR)
+    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s")
+
+    sg = create("smoothgrad", samples=s.sg_samples, sigma=SIGMA, max_batch=s.max_batch)
+    copies = max(1, s.max_batch // s.images)
+    tunnel = NoiseTunnel(Saliency(model))
+    log(f"[{label}] SmoothGrad-{s.sg_samples} on {s.images} images")
+    r = best_of(
+        {
+            "roar": lambda: sg(model, x, t, generator=torch.Generator().manual_seed(0)),
+            "captum": lambda: tunnel.attribute(
+                x,
+                nt_type="smoothgrad",
+                nt_samples=s.sg_samples,
+                nt_samples_batch_size=copies,
+                stdevs=SIGMA,
+                target=t,
+                abs=False,
+            ),
+        },
+        s.repeats,
+    )
+    rows.append(
+        Row(
+            label,
+            f"SmoothGrad-{s.sg_samples} ({s.images} images)",
+            "img/s",
+            s.images / r["roar"][0],
+            s.images / r["captum"][0],
+            throughput / sg.passes,
+        )
+    )
+    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s")
+
+    gx, gt = batch(s.grid_images, seed=3)
+    ours_grid, their_grid = roar_grid(model, gx, gt, s), captum_grid(model, gx, gt, s)
+    wx, wt = batch(2, seed=4)
+    roar_grid(model, wx, wt, s)()  # warm-up of every code path on a tiny batch
+    captum_grid(model, wx, wt, s)()
+    log(f"[{label}] 12-method grid on {s.grid_images} images")
+    r = best_of({"roar": ours_grid, "captum": their_grid}, s.grid_repeats, warmup=False)
+    ratio = r["roar"][0] / r["captum"][0]
+    rows.append(
+        Row(
+            label,
+            f"12-method grid ({s.grid_images} images)",
+            "s",
+            r["roar"][0],
+            r["captum"][0],
+            ours_grid.passes * s.grid_images / throughput,
+            f"≤ {GRID_RATIO}× Captum's time",
+            _yes(ratio <= GRID_RATIO),
+        )
+    )
+    info["grid_target"] = ratio <= GRID_RATIO
+    info["grid_parts"] = (r["roar"][1], r["captum"][1])
+    info["grid_passes"] = (ours_grid.passes, their_grid.passes)
+    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s")
+    return rows, info
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value:.1f} {unit}" if unit == "img/s" else f"{value:.2f} s"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| Model | Measurement | roar | Captum | roar ÷ Captum time | Floor | roar % of floor | Target | Met |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.name} | {_fmt(r.roar, r.unit)} | {_fmt(r.captum, r.unit)} | {r.time_ratio:.2f} "
+            f"({1 / r.time_ratio:.2f}× speed) | {_fmt(r.floor, r.unit)} | {r.floor_share:.0%} | "
+            f"{r.target or '—'} | {r.met or '—'} |"
+        )
+    return "\n".join(lines)
+
+
+def breakdown(info: dict) -> str:
+    ours, theirs = info["grid_parts"]
+    lines = [
+        f"{info['label']}, seconds per method in the best round (roar: a method sharing passes with an earlier one "
+        "costs only its final statistic):",
+        "",
+        "| Method | roar | Captum |",
+        "|---|---:|---:|",
+    ]
+    for name in GRID:
+        lines.append(f"| {name} | {ours[name]:.3f} | {theirs[name]:.3f} |")
+    return "\n".join(lines)
+
+
+def targets(infos: list[dict], rows: list[Row]) -> str:
+    lines = []
+    for info in infos:
+        ig = next(r for r in rows if r.model == info["label"] and r.name.startswith("IG"))
+        grid = next(r for r in rows if r.model == info["label"] and r.name.startswith("12"))
+        speed_ok, floor_ok = info["ig_targets"]
+        lines += [
+            f"- {info['label']}: IG-50 speed ≥ {IG_SPEEDUP}× Captum: {'met' if speed_ok else 'not met'} "
+            f"({1 / ig.time_ratio:.2f}×).",
+            f"- {info['label']}: IG-50 ≥ {IG_FLOOR:.0%} of floor speed: {'met' if floor_ok else 'not met'} "
+            f"({ig.floor_share:.0%}).",
+            f"- {info['label']}: 12-method grid ≤ {GRID_RATIO}× Captum's time: "
+            f"{'met' if info['grid_target'] else 'not met'} ({grid.time_ratio:.2f}×; pass counts "
+            f"{info['grid_passes'][0]} vs {info['grid_passes'][1]} per image, "
+            f"{info['grid_passes'][0] / info['grid_passes'][1]:.2f}×).",
+        ]
+    return "\n".join(lines)
+
+
+def machine(load_start, load_end) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import captum
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({usable} usable), torch {torch.__version__}, captum {captum.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads (torch default); load average "
+        f"{load_start:.2f} before, {load_end:.2f} after"
+    )
+
+
+def settings_text(s: Settings) -> str:
+    return (
+        f"ResNet8 in eval mode with random weights, random 32×32 images, chunk (`max_batch`, Captum's "
+        f"`internal_batch_size`, copies × images per pass for noise tunnels) {s.max_batch} inputs; IG: black "
+        f"baseline, Gauss–Legendre; noise σ = {SIGMA} (roar: × each image's value range, here ≈ 1; Captum: "
+        f"`stdevs={SIGMA}`); grid: IG {s.grid_steps} steps, {s.grid_samples} noise samples on both sides. "
+        f"Best of {s.repeats} rounds ({s.grid_repeats} for the grid) after a warm-up, sides alternating."
+    )
+
+
+def render(command: str, rows, infos, s: Settings, load_start, load_end) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    diffs = ", ".join(f"{i['label']}: {i['ig_max_diff']:.1e}" for i in infos)
+    throughputs = ", ".join(f"{i['label']}: {i['throughput']:.1f} inputs/s" for i in infos)
+    parts = [
+        SECTION,
+        "",
+        f"- Machine: {machine(load_start, load_end)}.",
+        f"- Command: `{command}`",
+        f"- Date: {date}",
+        f"- Settings: {settings_text(s)}",
+        f"- Check: max |roar IG − Captum IG| ÷ max |Captum IG| = {diffs}.",
+        "",
+        table(rows),
+        "",
+        "Floor: passes per image × images ÷ the throughput of one `input_gradients` call on "
+        f"{s.max_batch} inputs ({throughputs}); "
+        "roar % of floor = floor time ÷ roar's time.",
+        "",
+        "Targets:",
+        "",
+        targets(infos, rows),
+        "",
+        *[breakdown(i) + "\n" for i in infos],
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's ``##`` section of ``path`` (or append it), keeping the others."""
+    text = path.read_text() if path.exists() else INTRO
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    if start is None:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attribution", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke test: small batches, one round (≈ 30 s)")
+    size.add_argument("--full", action="store_true", help="also the seed widths 64/128/256 (slow on a CPU)")
+    parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
+    args = parser.parse_args(argv)
+    s = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    command = " ".join(["python -m benchmarks.attribution", *(sys.argv[1:] if argv is None else argv)])
+    warnings.filterwarnings("ignore", module="captum")
+    warnings.filterwarnings("ignore", message=".*requires_grad.*")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    load_start = os.getloadavg()[0]
+    log(f"threads {torch.get_num_threads()}, load average {load_start:.2f}")
+    t0 = time.perf_counter()
+    rows, infos = [], []
+    for widths in s.widths:
+        r, info = measure(widths, s, log)
+        rows += r
+        infos.append(info)
+    load_end = os.getloadavg()[0]
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    section = render(command, rows, infos, s, load_start, load_end)
+    print(section)
+    if args.write:
+        write_section(args.write, section)
+        log(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
