@@ -104,7 +104,8 @@ def test_a_model_trained_on_other_data_is_refused(trained_run, tmp_path):
 
 
 def test_sigkill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tmp_path):
-    extra = ["attribution.splits=[train]", "attribution.batch_size=256"]
+    methods = "[gradient, {name: smoothgrad, samples: 2}, random]"
+    extra = ["attribution.splits=[train]", "attribution.batch_size=256", f"attribution.methods={methods}"]
     killed_cfg, killed_sets = run_copy(trained_run, tmp_path, "killed", extra)
     straight_cfg, straight_sets = run_copy(trained_run, tmp_path, "straight", extra)
 
