@@ -121,13 +121,10 @@ def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def floor_throughput(model, s: Settings) -> float:
-    """Inputs/s of one ``input_gradients`` call on a batch of ``max_batch`` inputs."""
+def floor_pass(model, s: Settings) -> Callable[[], None]:
+    """One ``input_gradients`` call on a batch of ``max_batch`` inputs: the floor's unit of work."""
     x, t = batch(s.max_batch, seed=2)
-    (dt, _) = best_of({"floor": lambda: input_gradients(model, x, t, max_batch=s.max_batch)}, max(3, s.repeats))[
-        "floor"
-    ]
-    return s.max_batch / dt
+    return lambda: input_gradients(model, x, t, max_batch=s.max_batch)
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -246,10 +243,9 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     info: dict = {"label": label}
     rows: list[Row] = []
 
-    log(f"[{label}] floor: input_gradients on {s.max_batch} inputs")
-    throughput = floor_throughput(model, s)
-    info["throughput"] = throughput
-    log(f"[{label}]   {throughput:.1f} inputs/s")
+    # The floor's pass is timed in the same rounds as each comparison, so all see the same load.
+    floor = floor_pass(model, s)
+    info["throughput"] = {}
 
     x, t = batch(s.images)
     ig = create("integrated_gradients", steps=s.ig_steps, rule="gausslegendre", max_batch=s.max_batch)
@@ -257,6 +253,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     log(f"[{label}] IG-{s.ig_steps} on {s.images} images")
     r = best_of(
         {
+            "floor": floor,
             "roar": lambda: ig(model, x, t),
             "captum": lambda: captum_ig.attribute(
                 x,
@@ -269,6 +266,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
         },
         s.repeats,
     )
+    throughput = info["throughput"]["IG"] = s.max_batch / r["floor"][0]
     ours, theirs = r["roar"][1], r["captum"][1]
     info["ig_max_diff"] = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
     floor_ips = throughput / ig.passes
@@ -287,7 +285,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
         )
     )
     info["ig_targets"] = (speedup >= IG_SPEEDUP, share >= IG_FLOOR)
-    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s")
+    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s, floor pass {r['floor'][0]:.2f} s")
 
     sg = create("smoothgrad", samples=s.sg_samples, sigma=SIGMA, max_batch=s.max_batch)
     copies = max(1, s.max_batch // s.images)
@@ -295,6 +293,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     log(f"[{label}] SmoothGrad-{s.sg_samples} on {s.images} images")
     r = best_of(
         {
+            "floor": floor,
             "roar": lambda: sg(model, x, t, generator=torch.Generator().manual_seed(0)),
             "captum": lambda: tunnel.attribute(
                 x,
@@ -308,6 +307,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
         },
         s.repeats,
     )
+    throughput = info["throughput"]["SmoothGrad"] = s.max_batch / r["floor"][0]
     rows.append(
         Row(
             label,
@@ -318,7 +318,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
             throughput / sg.passes,
         )
     )
-    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s")
+    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s, floor pass {r['floor'][0]:.2f} s")
 
     gx, gt = batch(s.grid_images, seed=3)
     ours_grid, their_grid = roar_grid(model, gx, gt, s), captum_grid(model, gx, gt, s)
@@ -326,8 +326,9 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     roar_grid(model, wx, wt, s)()  # warm-up of every code path on a tiny batch
     captum_grid(model, wx, wt, s)()
     log(f"[{label}] 12-method grid on {s.grid_images} images")
-    r = best_of({"roar": ours_grid, "captum": their_grid}, s.grid_repeats, warmup=False)
+    r = best_of({"floor": floor, "roar": ours_grid, "captum": their_grid}, s.grid_repeats, warmup=False)
     ratio = r["roar"][0] / r["captum"][0]
+    throughput = info["throughput"]["grid"] = s.max_batch / r["floor"][0]
     rows.append(
         Row(
             label,
@@ -343,7 +344,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     info["grid_target"] = ratio <= GRID_RATIO
     info["grid_parts"] = (r["roar"][1], r["captum"][1])
     info["grid_passes"] = (ours_grid.passes, their_grid.passes)
-    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s")
+    log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s, floor pass {r['floor'][0]:.2f} s")
     return rows, info
 
 
@@ -435,7 +436,10 @@ def settings_text(s: Settings) -> str:
 def render(command: str, rows, infos, s: Settings, load_start, load_end) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     diffs = ", ".join(f"{i['label']}: {i['ig_max_diff']:.1e}" for i in infos)
-    throughputs = ", ".join(f"{i['label']}: {i['throughput']:.1f} inputs/s" for i in infos)
+    throughputs = "; ".join(
+        i["label"] + ": " + ", ".join(f"{v:.0f} inputs/s in the {k} rounds" for k, v in i["throughput"].items())
+        for i in infos
+    )
     parts = [
         SECTION,
         "",
@@ -448,7 +452,7 @@ def render(command: str, rows, infos, s: Settings, load_start, load_end) -> str:
         table(rows),
         "",
         "Floor: passes per image × images ÷ the throughput of one `input_gradients` call on "
-        f"{s.max_batch} inputs ({throughputs}); "
+        f"{s.max_batch} inputs, timed in the same rounds as each comparison ({throughputs}); "
         "roar % of floor = floor time ÷ roar's time.",
         "",
         "Targets:",

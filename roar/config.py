@@ -136,8 +136,8 @@ class AttributionConfig(Section):
     target: Literal["predicted", "label"] = Field("predicted", description="class whose logit is attributed")
     reduction: Literal["sum_squares", "sum_abs", "max_abs", "none"] = "sum_squares"
     batch_size: int = Field(128, ge=1, description="images per extraction batch")
-    max_batch: int = Field(
-        512, ge=1, description="inputs per forward/backward pass (memory budget), unless a method sets its own"
+    max_batch: int | None = Field(
+        None, ge=1, description="inputs per forward/backward pass (memory budget); default 64 on CPU, 1024 on GPU"
     )
     references: int = Field(256, ge=1, description="training images drawn as expected-gradients baselines")
     compression: Literal["lzf", "gzip", "none"] = "lzf"

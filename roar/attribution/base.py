@@ -39,7 +39,9 @@ class MethodConfig(Section):
 class EngineConfig(MethodConfig):
     """Parameters of methods that run the model: how many inputs go through it at once."""
 
-    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, description="inputs per forward/backward pass: the memory budget")
+    max_batch: int | None = Field(
+        DEFAULT_MAX_BATCH, ge=1, description="inputs per forward/backward pass (memory budget); default per device"
+    )
 
 
 @dataclass

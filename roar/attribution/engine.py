@@ -16,9 +16,17 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from roar.device import autocast
+from roar.device import autocast, memory_format
 
-DEFAULT_MAX_BATCH = 512
+DEFAULT_MAX_BATCH = None  # chosen per device by ``max_batch_for``
+
+
+def max_batch_for(device: torch.device, max_batch: int | None = None) -> int:
+    """Inputs per pass: as given, else 64 on the CPU (small batches stay in cache: ResNet8 runs
+    1.2-1.5x faster at 64 than at 512 on 2 cores) and 1024 on accelerators."""
+    if max_batch:
+        return max_batch
+    return 64 if torch.device(device).type == "cpu" else 1024
 
 
 @contextlib.contextmanager
@@ -47,7 +55,7 @@ def input_gradients(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
     rules: Callable[[], contextlib.AbstractContextManager] | None = None,
     amp: bool = False,
     output: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -60,10 +68,13 @@ def input_gradients(
     """
     grads = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
     targets = targets.to(inputs.device)
+    max_batch = max_batch_for(inputs.device, max_batch)
+    # channels_last where the model's convolutions use it (as ``prepare_model`` sets up).
+    fmt = torch.channels_last if inputs.ndim == 4 and _is_channels_last(model) else torch.contiguous_format
     with frozen(model), rules() if rules is not None else contextlib.nullcontext():
         for start in range(0, len(inputs), max_batch):
             stop = min(start + max_batch, len(inputs))
-            x = inputs[start:stop].detach().clone().requires_grad_(True)
+            x = inputs[start:stop].detach().contiguous(memory_format=fmt).requires_grad_(True)
             with torch.enable_grad(), autocast(inputs.device, amp):
                 logits = model(x).float()
                 scores = output(logits) if output is not None else logits
@@ -72,13 +83,24 @@ def input_gradients(
     return grads
 
 
+def _is_channels_last(model: nn.Module) -> bool:
+    weight = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    """The model on ``device`` in eval mode, in channels_last when asked (faster on CUDA and CPU)."""
+    return model.to(device=device, memory_format=memory_format(device, channels_last)).eval()
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, max_batch: int = DEFAULT_MAX_BATCH, amp: bool = False
+    model: nn.Module, images: torch.Tensor, max_batch: int | None = DEFAULT_MAX_BATCH, amp: bool = False
 ) -> torch.Tensor:
     """Predicted classes [B] in eval mode."""
     was_training = model.training
     model.eval()
+    max_batch = max_batch_for(images.device, max_batch)
     try:
         out = []
         for start in range(0, len(images), max_batch):

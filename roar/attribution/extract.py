@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from roar.attribution import METHODS, Attribution, Context, PluginAttribution, create
-from roar.attribution.engine import predict
+from roar.attribution.engine import predict, prepare_model
 from roar.attribution.reduce import reduce_map
 from roar.attribution.store import AttributionStore, StoreWriter
 from roar.config import MethodEntry, RunConfig
@@ -41,12 +41,12 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_method(entry: MethodEntry, max_batch: int) -> Attribution:
+def build_method(entry: MethodEntry, max_batch: int | None) -> Attribution:
     """The method of a config entry; ``max_batch`` fills in where the entry does not set it."""
     if entry.is_plugin:
         return PluginAttribution(method=entry.method, kwargs=entry.params.get("kwargs", {}))
     params = dict(entry.params)
-    if "max_batch" in METHODS.config_class(entry.method).model_fields:
+    if max_batch and "max_batch" in METHODS.config_class(entry.method).model_fields:
         params.setdefault("max_batch", max_batch)
     return create(entry.method, **params)
 
@@ -170,6 +170,7 @@ def extract(cfg: RunConfig) -> dict:
     device = resolve_device(cfg.device)
     model_path = cfg.run_dir / "train" / "model.pt"
     model, meta = load_trained_model(model_path, device)
+    model = prepare_model(model, device)
     dataset = build_dataset(cfg.dataset)
     if meta["dataset_fingerprint"] != dataset.fingerprint():
         raise RoarError(

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from roar.attribution.base import Attribution, EngineConfig
-from roar.attribution.engine import DEFAULT_MAX_BATCH, frozen, select
+from roar.attribution.engine import DEFAULT_MAX_BATCH, frozen, max_batch_for, select
 from roar.attribution.registry import register
 from roar.errors import RoarError
 from roar.registry import closest
@@ -102,9 +102,10 @@ def gradcam(
     layer: nn.Module,
     *,
     relu: bool = True,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
 ) -> torch.Tensor:
     """Grad-CAM at ``layer`` (a module of ``model``), upsampled to the input: [B, 1, H, W]."""
+    max_batch = max_batch_for(images.device, max_batch)
     capture = _Capture()
     out = torch.empty((len(images), 1, *images.shape[2:]), dtype=torch.float32, device=images.device)
     targets = targets.to(images.device)

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from roar.attribution.base import Attribution, EngineConfig
-from roar.attribution.engine import input_gradients
+from roar.attribution.engine import input_gradients, max_batch_for
 from roar.attribution.registry import register
 from roar.errors import RoarError
 
@@ -66,6 +66,7 @@ def path_gradients(model, images, starts, alphas, weights, targets, max_batch: i
     alphas = alphas.to(images.device).view(s, 1).expand(s, b) if alphas.ndim == 1 else alphas.to(images.device)
     weights = weights.to(images.device).view(s, 1).expand(s, b) if weights.ndim == 1 else weights.to(images.device)
     total = torch.zeros_like(images, dtype=torch.float32)
+    max_batch = max_batch_for(images.device, max_batch)
     steps_per_chunk = max(1, max_batch // max(b, 1))
     for s0 in range(0, s, steps_per_chunk):
         s1 = min(s0 + steps_per_chunk, s)
@@ -134,7 +135,7 @@ class ExpectedGradients(Attribution):
         starts = refs[pick.view(-1)].to(images).view(s, b, *images.shape[1:])
         total = torch.zeros_like(images, dtype=torch.float32)
         # Each draw has its own reference, so (x − x′) stays inside the average: chunk over draws.
-        per_chunk = max(1, self.params.max_batch // max(b, 1))
+        per_chunk = max(1, max_batch_for(images.device, self.params.max_batch) // max(b, 1))
         for s0 in range(0, s, per_chunk):
             s1 = min(s0 + per_chunk, s)
             start = starts[s0:s1]

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from roar.attribution.base import Attribution, EngineConfig
-from roar.attribution.engine import input_gradients
+from roar.attribution.engine import input_gradients, max_batch_for
 from roar.attribution.integrated import IntegratedGradientsConfig, Rule, integrated_gradients
 from roar.attribution.registry import register
 
@@ -101,7 +101,8 @@ class NoiseTunnel(Attribution):
         b = len(images)
         sigma = noise_sigma(images, self.params.sigma)
         # Copies per block: a block of k copies of every image is one engine call of k·B inputs.
-        per_block = max(1, self.params.max_batch // max(b * getattr(self.params, "steps", 1), 1))
+        max_batch = max_batch_for(images.device, self.params.max_batch)
+        per_block = max(1, max_batch // max(b * getattr(self.params, "steps", 1), 1))
         moments = Moments()
         for s0 in range(0, self.params.samples, per_block):
             k = min(per_block, self.params.samples - s0)
