@@ -4,7 +4,8 @@
 
 Everything runs on a ResNet8 behind ``Classifier`` normalisation, in eval mode, with random
 weights (speed does not depend on them), and on fixed random 32×32 images; every comparison uses
-the same model, inputs, targets and chunk size (``max_batch`` inputs per forward/backward pass):
+the same model (prepared as the extraction stage prepares it), inputs, targets and chunk size
+(inputs per forward/backward pass: roar's default for the CPU unless ``--max-batch`` sets it):
 
 1. Integrated Gradients, 50 Gauss–Legendre steps: roar's ``integrated_gradients`` against Captum's
    ``IntegratedGradients`` (``internal_batch_size`` = the same chunk) and against the floor.
@@ -15,7 +16,8 @@ the same model, inputs, targets and chunk size (``max_batch`` inputs per forward
    computed once) against Captum's 12 methods called one by one.
 
 The floor of a method is the time its forward/backward passes alone would take: passes per image
-× images ÷ the throughput (inputs/s) of one ``input_gradients`` call on ``max_batch`` inputs.
+× images ÷ the throughput (inputs/s) of ``input_gradients`` on a large batch (at least 512 inputs,
+a whole number of chunks) at the same chunk size.
 "% of floor" is floor time ÷ measured time (100 % = no overhead beyond the passes).
 
 Each measured callable runs once to warm up, then ``repeats`` rounds in which the callables of a
@@ -25,6 +27,7 @@ comparison alternate (a change in machine load hits both sides alike); the best 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -41,6 +44,15 @@ import torch
 
 from roar.attribution import Context, create
 from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+
+try:  # the per-device default chunk and the extraction stage's model preparation, where roar has them
+    from roar.attribution.engine import max_batch_for
+except ImportError:
+    max_batch_for = None
+try:
+    from roar.attribution.engine import prepare_model
+except ImportError:
+    prepare_model = None
 from roar.models.base import Classifier
 from roar.models.resnet8 import ResNet8
 
@@ -85,7 +97,25 @@ class Settings:
     widths: tuple[tuple[int, int, int], ...]
     ig_steps: int = 50
     sg_samples: int = 25
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: int | None = None  # None: roar's own default for the CPU
+
+    @property
+    def chunk(self) -> int:
+        """Inputs per forward/backward pass, on both sides."""
+        if self.max_batch:
+            return self.max_batch
+        if max_batch_for is not None:
+            return max_batch_for(torch.device("cpu"))
+        return DEFAULT_MAX_BATCH
+
+    @property
+    def roar_params(self) -> dict:
+        """``max_batch`` for roar's methods only when set explicitly (else roar picks it)."""
+        return {"max_batch": self.max_batch} if self.max_batch else {}
+
+    @property
+    def floor_inputs(self) -> int:
+        return self.chunk * -(-FLOOR_INPUTS // self.chunk)
 
 
 PRESETS = {
@@ -93,6 +123,7 @@ PRESETS = {
     "default": Settings(32, 16, 16, 8, repeats=3, grid_repeats=2, widths=(SMALL,)),
     "full": Settings(32, 16, 16, 8, repeats=3, grid_repeats=2, widths=(SMALL, SEED)),
 }
+FLOOR_INPUTS = 512
 
 
 def best_of(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, tuple[float, object]]:
@@ -113,7 +144,8 @@ def best_of(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = T
 
 def make_model(widths: tuple[int, int, int]) -> Classifier:
     torch.manual_seed(0)
-    return Classifier(ResNet8(10, 3, widths), MEAN, STD).eval()
+    model = Classifier(ResNet8(10, 3, widths), MEAN, STD).eval()
+    return prepare_model(model, torch.device("cpu")) if prepare_model is not None else model
 
 
 def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +154,9 @@ def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def floor_pass(model, s: Settings) -> Callable[[], None]:
-    """One ``input_gradients`` call on a batch of ``max_batch`` inputs: the floor's unit of work."""
-    x, t = batch(s.max_batch, seed=2)
-    return lambda: input_gradients(model, x, t, max_batch=s.max_batch)
+    """``input_gradients`` on ``floor_inputs`` inputs in chunks of ``chunk``: the floor's unit of work."""
+    x, t = batch(s.floor_inputs, seed=2)
+    return lambda: input_gradients(model, x, t, max_batch=s.chunk)
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -134,7 +166,7 @@ def roar_grid(model, x, t, s: Settings) -> Callable[[], dict[str, float]]:
     """The 12 methods computed together: each distinct ``shared_key`` once, the others directly."""
     methods = {}
     for name in GRID:
-        params: dict = {"max_batch": s.max_batch}
+        params: dict = dict(s.roar_params)
         if name.startswith("ig_") or name == "integrated_gradients":
             params["steps"] = s.grid_steps
         if name not in ("gradient", "integrated_gradients", "guided_backprop"):
@@ -177,7 +209,7 @@ def captum_grid(model, x, t, s: Settings) -> Callable[[], dict[str, float]]:
         "gradient": (Saliency(model), {"abs": False}, 1),
         "integrated_gradients": (
             IntegratedGradients(model),
-            {"baselines": 0.0, "n_steps": s.grid_steps, "method": "gausslegendre", "internal_batch_size": s.max_batch},
+            {"baselines": 0.0, "n_steps": s.grid_steps, "method": "gausslegendre", "internal_batch_size": s.chunk},
             s.grid_steps,
         ),
         "guided_backprop": (GuidedBackprop(model), {}, 1),
@@ -189,7 +221,7 @@ def captum_grid(model, x, t, s: Settings) -> Callable[[], dict[str, float]]:
             t0 = time.perf_counter()
             algo.attribute(x, target=t, **kwargs)
             parts[base] = time.perf_counter() - t0
-            copies = max(1, s.max_batch // (b * steps))  # roar's copies per pass
+            copies = max(1, s.chunk // (b * steps))  # roar's copies per pass
             prefix = {"gradient": "", "integrated_gradients": "ig_", "guided_backprop": "gb_"}[base]
             for nt_type in NT_TYPES:
                 t0 = time.perf_counter()
@@ -240,7 +272,9 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
 
     label = "ResNet8 " + "/".join(map(str, widths))
     model = make_model(widths)
-    info: dict = {"label": label}
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    info: dict = {"label": label, "layout": "channels_last" if channels_last else "NCHW"}
     rows: list[Row] = []
 
     # The floor's pass is timed in the same rounds as each comparison, so all see the same load.
@@ -248,7 +282,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     info["throughput"] = {}
 
     x, t = batch(s.images)
-    ig = create("integrated_gradients", steps=s.ig_steps, rule="gausslegendre", max_batch=s.max_batch)
+    ig = create("integrated_gradients", steps=s.ig_steps, rule="gausslegendre", **s.roar_params)
     captum_ig = IntegratedGradients(model)
     log(f"[{label}] IG-{s.ig_steps} on {s.images} images")
     r = best_of(
@@ -261,12 +295,12 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
                 target=t,
                 n_steps=s.ig_steps,
                 method="gausslegendre",
-                internal_batch_size=s.max_batch,
+                internal_batch_size=s.chunk,
             ),
         },
         s.repeats,
     )
-    throughput = info["throughput"]["IG"] = s.max_batch / r["floor"][0]
+    throughput = info["throughput"]["IG"] = s.floor_inputs / r["floor"][0]
     ours, theirs = r["roar"][1], r["captum"][1]
     info["ig_max_diff"] = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
     floor_ips = throughput / ig.passes
@@ -287,8 +321,8 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     info["ig_targets"] = (speedup >= IG_SPEEDUP, share >= IG_FLOOR)
     log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s, floor pass {r['floor'][0]:.2f} s")
 
-    sg = create("smoothgrad", samples=s.sg_samples, sigma=SIGMA, max_batch=s.max_batch)
-    copies = max(1, s.max_batch // s.images)
+    sg = create("smoothgrad", samples=s.sg_samples, sigma=SIGMA, **s.roar_params)
+    copies = max(1, s.chunk // s.images)
     tunnel = NoiseTunnel(Saliency(model))
     log(f"[{label}] SmoothGrad-{s.sg_samples} on {s.images} images")
     r = best_of(
@@ -307,7 +341,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
         },
         s.repeats,
     )
-    throughput = info["throughput"]["SmoothGrad"] = s.max_batch / r["floor"][0]
+    throughput = info["throughput"]["SmoothGrad"] = s.floor_inputs / r["floor"][0]
     rows.append(
         Row(
             label,
@@ -328,7 +362,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     log(f"[{label}] 12-method grid on {s.grid_images} images")
     r = best_of({"floor": floor, "roar": ours_grid, "captum": their_grid}, s.grid_repeats, warmup=False)
     ratio = r["roar"][0] / r["captum"][0]
-    throughput = info["throughput"]["grid"] = s.max_batch / r["floor"][0]
+    throughput = info["throughput"]["grid"] = s.floor_inputs / r["floor"][0]
     rows.append(
         Row(
             label,
@@ -423,17 +457,19 @@ def machine(load_start, load_end) -> str:
     )
 
 
-def settings_text(s: Settings) -> str:
+def settings_text(s: Settings, layout: str) -> str:
+    chosen = "set by `--max-batch`" if s.max_batch else "roar's default for the CPU"
     return (
-        f"ResNet8 in eval mode with random weights, random 32×32 images, chunk (`max_batch`, Captum's "
-        f"`internal_batch_size`, copies × images per pass for noise tunnels) {s.max_batch} inputs; IG: black "
-        f"baseline, Gauss–Legendre; noise σ = {SIGMA} (roar: × each image's value range, here ≈ 1; Captum: "
-        f"`stdevs={SIGMA}`); grid: IG {s.grid_steps} steps, {s.grid_samples} noise samples on both sides. "
-        f"Best of {s.repeats} rounds ({s.grid_repeats} for the grid) after a warm-up, sides alternating."
+        f"ResNet8 in eval mode with random weights ({layout}), random 32×32 images in [0, 1], random targets; "
+        f"chunk {s.chunk} inputs per forward/backward pass on both sides ({chosen}; Captum's "
+        f"`internal_batch_size`, and copies × images for noise tunnels); IG: black baseline, Gauss–Legendre; "
+        f"noise σ = {SIGMA} (roar: × each image's value range, here ≈ 1; Captum: `stdevs={SIGMA}`); "
+        f"grid: IG {s.grid_steps} steps, {s.grid_samples} noise samples on both sides. Best of {s.repeats} "
+        f"rounds ({s.grid_repeats} for the grid) after a warm-up, the sides alternating within each round."
     )
 
 
-def render(command: str, rows, infos, s: Settings, load_start, load_end) -> str:
+def render(command: str, rows, infos, s: Settings, load_start, load_end, layout: str) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     diffs = ", ".join(f"{i['label']}: {i['ig_max_diff']:.1e}" for i in infos)
     throughputs = "; ".join(
@@ -446,13 +482,13 @@ def render(command: str, rows, infos, s: Settings, load_start, load_end) -> str:
         f"- Machine: {machine(load_start, load_end)}.",
         f"- Command: `{command}`",
         f"- Date: {date}",
-        f"- Settings: {settings_text(s)}",
+        f"- Settings: {settings_text(s, layout)}",
         f"- Check: max |roar IG − Captum IG| ÷ max |Captum IG| = {diffs}.",
         "",
         table(rows),
         "",
         "Floor: passes per image × images ÷ the throughput of one `input_gradients` call on "
-        f"{s.max_batch} inputs, timed in the same rounds as each comparison ({throughputs}); "
+        f"{s.floor_inputs} inputs in chunks of {s.chunk}, timed in the same rounds as each comparison ({throughputs}); "
         "roar % of floor = floor time ÷ roar's time.",
         "",
         "Targets:",
@@ -484,9 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke test: small batches, one round (≈ 30 s)")
     size.add_argument("--full", action="store_true", help="also the seed widths 64/128/256 (slow on a CPU)")
+    parser.add_argument("--max-batch", type=int, metavar="N", help="inputs per pass on both sides (default: roar's)")
     parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
     args = parser.parse_args(argv)
     s = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    if args.max_batch:
+        s = dataclasses.replace(s, max_batch=args.max_batch)
     command = " ".join(["python -m benchmarks.attribution", *(sys.argv[1:] if argv is None else argv)])
     warnings.filterwarnings("ignore", module="captum")
     warnings.filterwarnings("ignore", message=".*requires_grad.*")
@@ -504,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         infos.append(info)
     load_end = os.getloadavg()[0]
     log(f"total {time.perf_counter() - t0:.0f} s")
-    section = render(command, rows, infos, s, load_start, load_end)
+    section = render(command, rows, infos, s, load_start, load_end, infos[0]["layout"])
     print(section)
     if args.write:
         write_section(args.write, section)

@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 
 import roar
+from roar.atomic import replace_atomic
 from roar.errors import RoarError
 from roar.registry import closest
 
@@ -146,20 +147,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _replace_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove_temporaries(folder: Path, prefix: str = ".") -> None:
@@ -333,7 +320,7 @@ class _Staging:
     def write_manifest(self, manifest: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         text = json.dumps(manifest, indent=2, default=_json_default).encode() + b"\n"
-        _replace_atomic(self.manifest_path, lambda f: f.write(text))
+        replace_atomic(self.manifest_path, lambda f: f.write(text))
         _fsync_dir(self.root)
 
     def _folder(self, method: str | None) -> Path:
@@ -349,7 +336,7 @@ class _Staging:
     def save(self, method: str | None, start: int, **arrays: np.ndarray) -> None:
         folder = self._folder(method)
         folder.mkdir(parents=True, exist_ok=True)
-        _replace_atomic(folder / f"{start:012d}.npz", lambda f: np.savez(f, **arrays))
+        replace_atomic(folder / f"{start:012d}.npz", lambda f: np.savez(f, **arrays))
 
     def load(self, method: str | None, start: int) -> dict[str, np.ndarray]:
         with np.load(self._folder(method) / f"{start:012d}.npz", allow_pickle=False) as data:

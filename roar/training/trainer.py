@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from roar.atomic import write_text_atomic
 from roar.config import RunConfig, TrainingConfig
 from roar.data import Dataset, build_dataset
 from roar.device import autocast, memory_format, resolve_device
 from roar.errors import RoarError
 from roar.models import Classifier, build_model
-from roar.provenance import record_run, write_json, write_text_atomic
+from roar.provenance import record_run, write_json
 from roar.training.augment import random_crop_flip
 from roar.training.checkpoint import load_checkpoint, save_atomic
 from roar.training.sources import source_for
