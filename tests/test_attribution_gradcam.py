@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from helpers import model_batch, small_resnet8
 
 from roar.attribution.gradcam import GradCAM, resolve_layer
 from roar.attribution.registry import METHODS
 from roar.errors import RoarError
-from roar.models.base import Classifier
-from roar.models.resnet8 import ResNet8
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -18,25 +16,9 @@ def _one_thread(one_thread):
     """Tiny tensors: see ``one_thread`` in conftest."""
 
 
-def resnet8() -> Classifier:
-    torch.manual_seed(0)
-    model = Classifier(ResNet8(num_classes=10, widths=(8, 16, 16)), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def batch():
-    model = resnet8()
-    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        targets = model(images).argmax(1)
-    return model, images, targets
+    return model_batch(size=32)
 
 
 def captum_gradcam(model, layer, images, targets):
@@ -65,7 +47,7 @@ def test_auto_is_last_conv_stage(batch):
 
 
 def test_layer_names():
-    model = resnet8()
+    model = small_resnet8()
     assert resolve_layer(model, "layer3") == ("net.layer3", model.net.layer3)
     assert resolve_layer(model, "layer1.conv2")[0] == "net.layer1.conv2"
     with pytest.raises(RoarError, match=r"unknown layer 'layr3' \(did you mean 'layer3'\?\)"):

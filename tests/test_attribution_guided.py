@@ -16,30 +16,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import model_batch
 from torch import nn
 
 from roar.attribution.engine import input_gradients
 from roar.attribution.guided import GuidedBackprop, backward_rule, guided_relu
 from roar.attribution.registry import METHODS
-from roar.models.base import Classifier
-from roar.models.resnet8 import ResNet8
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     """Tiny tensors: see ``one_thread`` in conftest."""
-
-
-def resnet8() -> Classifier:
-    torch.manual_seed(0)
-    model = Classifier(ResNet8(num_classes=10, widths=(8, 16, 16)), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
-    for module in model.modules():  # non-trivial batch-norm statistics, as after training
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,11 +35,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def batch():
-    model = resnet8()
-    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        targets = model(images).argmax(1)
-    return model, images, targets
+    return model_batch(size=16)
 
 
 def test_registered():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import model_batch
 from torch import nn
 
 import roar.attribution.gradient  # noqa: F401  (registers the methods used here)
@@ -13,8 +14,6 @@ import roar.attribution.noise  # noqa: F401
 from roar.attribution.base import Context
 from roar.attribution.integrated import quadrature
 from roar.attribution.registry import METHODS
-from roar.models.base import Classifier
-from roar.models.resnet8 import ResNet8
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -49,16 +48,7 @@ def linear():
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    model = Classifier(ResNet8(10, 3, (8, 16, 16)), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
-    for m in model.modules():  # non-trivial BatchNorm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    images = torch.rand(4, 3, 16, 16)
-    images[:, 0, 0, 0], images[:, 0, 0, 1] = 0.0, 1.0  # every image spans exactly [0, 1]
-    targets = model(images).argmax(1)
-    return model, images, targets
+    return model_batch(size=16, full_range=True)
 
 
 def assert_close_rel(a, b, rel=1e-4):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import model_batch
 from pydantic import ValidationError
 
 from roar.attribution.engine import input_gradients
@@ -18,8 +19,6 @@ from roar.attribution.gradcam import GradCAM
 from roar.attribution.plugins import PluginAttribution, as_attribution_map, captum
 from roar.attribution.registry import METHODS
 from roar.errors import RoarError
-from roar.models.base import Classifier
-from roar.models.resnet8 import ResNet8
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,18 +58,9 @@ def path(name: str) -> str:
     return f"{__name__}.{name}"
 
 
-def resnet8() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(ResNet8(num_classes=10, widths=(8, 16, 16)), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)).eval()
-
-
 @pytest.fixture(scope="module")
 def batch():
-    model = resnet8()
-    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        targets = model(images).argmax(1)
-    return model, images, targets
+    return model_batch(size=16, varied_batchnorm=False)
 
 
 def test_not_registered_but_configured():

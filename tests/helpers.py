@@ -1,0 +1,34 @@
+"""Small models and batches shared by the attribution tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from roar.models.base import Classifier
+from roar.models.resnet8 import ResNet8
+
+
+def small_resnet8(varied_batchnorm: bool = True) -> Classifier:
+    """A narrow ResNet8 in eval mode; with non-trivial BatchNorm statistics, as after training."""
+    torch.manual_seed(0)
+    model = Classifier(ResNet8(num_classes=10, widths=(8, 16, 16)), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    if varied_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def model_batch(size: int = 16, n: int = 4, varied_batchnorm: bool = True, full_range: bool = False):
+    """(model, images in [0, 1], predicted targets); ``full_range`` makes every image span exactly [0, 1]."""
+    model = small_resnet8(varied_batchnorm)
+    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    if full_range:
+        images[:, 0, 0, 0], images[:, 0, 0, 1] = 0.0, 1.0
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    return model, images, targets
