@@ -120,7 +120,7 @@ class Settings:
 
 PRESETS = {
     "quick": Settings(8, 4, 8, 4, repeats=1, grid_repeats=1, widths=(SMALL,)),
-    "default": Settings(32, 16, 16, 8, repeats=3, grid_repeats=2, widths=(SMALL,)),
+    "default": Settings(32, 16, 16, 8, repeats=5, grid_repeats=3, widths=(SMALL,)),
     "full": Settings(32, 16, 16, 8, repeats=3, grid_repeats=2, widths=(SMALL, SEED)),
 }
 FLOOR_INPUTS = 512
