@@ -44,6 +44,8 @@ import torch
 
 from roar.attribution import Context, create
 from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
+from roar.models.base import Classifier
+from roar.models.resnet8 import ResNet8
 
 try:  # the per-device default chunk and the extraction stage's model preparation, where roar has them
     from roar.attribution.engine import max_batch_for
@@ -53,8 +55,6 @@ try:
     from roar.attribution.engine import prepare_model
 except ImportError:
     prepare_model = None
-from roar.models.base import Classifier
-from roar.models.resnet8 import ResNet8
 
 SECTION = "## Attribution engine"
 INTRO = (

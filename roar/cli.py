@@ -55,6 +55,18 @@ def cmd_extract(args) -> str:
     return f"extracted {len(s['methods'])} methods for {splits} in {s['seconds']:.0f} s -> {s['output']}"
 
 
+def cmd_evaluate(args) -> str:
+    from roar.evaluation.sweep import evaluate
+
+    cfg = _load(args)
+    modes = ["roar", "kar"] if args.mode == "both" else [args.mode]
+    s = evaluate(cfg, modes, args.shard)
+    return (
+        f"{'/'.join(modes)}: ran {s['ran']} of {s['runs']} retraining runs in {s['seconds']:.0f} s; "
+        f"results, summary and plot -> {s['output']}"
+    )
+
+
 def cmd_inspect(args) -> str:
     from roar.attribution.store import describe
 
@@ -99,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="attribution maps of every configured method (task extract-attribution-maps)")
     _config_args(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("evaluate", help="ROAR/KAR: retrain on ablated data (task evaluate-roar, evaluate-kar)")
+    _config_args(p)
+    p.add_argument(
+        "--mode", choices=["roar", "kar", "both"], default="both", help="remove (roar) or keep (kar) the top pixels"
+    )
+    p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at I (0-based), to share a sweep")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="what an attribution store holds: methods, sizes, provenance, completeness")
     p.add_argument("files", nargs="+", metavar="FILE.h5")

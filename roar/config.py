@@ -158,6 +158,41 @@ class AttributionConfig(Section):
         return [_method_entry(i, raw) for i, raw in enumerate(self.methods)]
 
 
+class RoarConfig(Section):
+    """``roar evaluate``: the ROAR/KAR retraining sweep."""
+
+    methods: list[str] | None = Field(None, description="store methods to evaluate; default: all in the store")
+    thresholds: list[float] = Field(default_factory=lambda: [10, 30, 50, 70, 90], description="percent of pixels")
+    seeds: int = Field(3, ge=1, description="retraining seeds per (method, threshold)")
+    granularity: Literal["pixel", "element"] = "pixel"
+    fill: dict[str, Any] = Field(default_factory=lambda: {"name": "mean"}, description="fill and its parameters")
+    epochs: int | None = Field(None, ge=1, description="retraining epochs; default: training.epochs (the base recipe)")
+    streaming: bool | None = Field(
+        None, description="read maps from disk with loader workers; default: in memory when it fits"
+    )
+    num_workers: int = Field(2, ge=0)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _percentages(cls, thresholds: list[float]) -> list[float]:
+        bad = [t for t in thresholds if not 0 < t < 100]
+        if bad or not thresholds:
+            raise ValueError(f"thresholds are percentages strictly between 0 and 100, got {bad or thresholds}")
+        return thresholds
+
+    @field_validator("fill")
+    @classmethod
+    def _known_fill(cls, fill: dict[str, Any]) -> dict[str, Any]:
+        from roar.evaluation.fills import FILLS
+
+        name = fill.get("name")
+        if name not in FILLS:
+            raise ValueError(
+                f"unknown fill '{name}'{closest(str(name), FILLS.names())}; known: {', '.join(FILLS.names())}"
+            )
+        return fill
+
+
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: Path | None = Field(None, description="where the run writes; default runs/<name>")
@@ -167,6 +202,7 @@ class RunConfig(Section):
     model: ModelSection = Field(default_factory=lambda: MODELS.config_class("resnet8")())
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    roar: RoarConfig = Field(default_factory=RoarConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -170,13 +170,14 @@ def extract(cfg: RunConfig) -> dict:
     device = resolve_device(cfg.device)
     model_path = cfg.run_dir / "train" / "model.pt"
     model, meta = load_trained_model(model_path, device)
-    model = prepare_model(model, device)
     dataset = build_dataset(cfg.dataset)
     if meta["dataset_fingerprint"] != dataset.fingerprint():
         raise RoarError(
             f"{model_path} was trained on another dataset (fingerprint {meta['dataset_fingerprint']}, "
             f"this config's is {dataset.fingerprint()}); retrain or fix the dataset section"
         )
+    probe = load_rows(dataset.test, 0, min(16, len(dataset.test)), 0)[0].float().div_(255)
+    model = prepare_model(model, device, probe=probe)
     entries = cfg.attribution.entries()
     methods = {e.name: build_method(e, cfg.attribution.max_batch) for e in entries}
     if any(e.method == "ground_truth" for e in entries) and dataset.train.masks is None:

@@ -1,0 +1,189 @@
+"""ROAR and KAR retraining sweeps (Hooker et al., NeurIPS 2019): remove (ROAR) or keep (KAR) the
+top t% of each image by each method's map, retrain from scratch with the base recipe, and
+report test accuracy on the equally ablated test set.
+
+A sweep is a deterministic list of runs (mode × method × threshold × seed, plus the unmodified
+model at threshold 0). Each finished run appends one row to ``results.csv``; a rerun skips the
+rows already there, and a run killed half-way resumes from its own checkpoint. ``--shard i/n``
+takes every n-th run starting at i, so n processes share a sweep with no overlap and no gap.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from roar.attribution.extract import store_path
+from roar.attribution.store import AttributionStore
+from roar.config import RunConfig
+from roar.data import Dataset, build_dataset
+from roar.device import resolve_device
+from roar.errors import RoarError
+from roar.evaluation.fills import build_fill
+from roar.models import build_model
+from roar.provenance import record_run
+from roar.training.sources import source_for
+from roar.training.trainer import fit
+
+COLUMNS = ["mode", "method", "threshold", "seed", "test_accuracy", "test_loss", "epochs", "seconds"]
+BASELINE = "none"  # the method name of the unmodified model's runs (threshold 0)
+
+
+@dataclass(frozen=True)
+class Run:
+    mode: str
+    method: str
+    threshold: float
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.mode, self.method, f"{self.threshold:g}", str(self.seed))
+
+    @property
+    def folder(self) -> str:
+        return f"{self.mode}-{self.method}-{self.threshold:g}-seed{self.seed}"
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` → (i, n) with 0 ≤ i < n; None → the whole sweep."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise RoarError(f"--shard '{text}': expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise RoarError(f"--shard '{text}': need 0 <= i < n")
+    return i, n
+
+
+def plan(cfg: RunConfig, modes: list[str], store_methods: list[str]) -> list[Run]:
+    """Every run of the sweep, in a fixed order: baselines first, then mode, method, threshold, seed."""
+    r = cfg.roar
+    methods = r.methods if r.methods is not None else store_methods
+    missing = [m for m in methods if m not in store_methods]
+    if missing:
+        raise RoarError(
+            f"roar.methods: {', '.join(missing)} not in the attribution store (it has {', '.join(store_methods)}); "
+            "add them to attribution.methods and rerun extract"
+        )
+    seeds = [cfg.seed + s for s in range(r.seeds)]
+    runs = [Run("baseline", BASELINE, 0.0, s) for s in seeds]
+    runs += [Run(mode, m, float(t), s) for mode in modes for m in methods for t in r.thresholds for s in seeds]
+    return runs
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of ``results.csv``; a torn last line (a kill mid-append) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for row in csv.DictReader(io.StringIO(path.read_text())):
+        if row.get("seconds") not in (None, ""):
+            rows.append(row)
+    return rows
+
+
+def append_result(path: Path, row: dict) -> None:
+    """One line, appended under an exclusive lock and fsynced: shards may share the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                f.write(",".join(COLUMNS) + "\n")
+            else:  # a line torn by a kill would otherwise merge with this one
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
+            csv.writer(f, lineterminator="\n").writerow([row[c] for c in COLUMNS])
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
+    """Train and test batch sources of one run: ablated by the run's method, or unmodified."""
+    r = cfg.roar
+    if run.mode == "baseline":
+        return (source_for(dataset.train, device, r.num_workers), source_for(dataset.test, device, r.num_workers))
+    from roar.evaluation.retrain_data import ablated_source
+
+    fill = build_fill(r.fill.get("name", "mean"), mean=dataset.mean, **{k: v for k, v in r.fill.items() if k != "name"})
+    return tuple(
+        ablated_source(
+            dataset.split(split),
+            store_path(cfg, split),
+            run.method,
+            run.threshold / 100,
+            run.mode,
+            fill,
+            seed=cfg.seed,
+            granularity=r.granularity,
+            device=device,
+            streaming=r.streaming,
+            num_workers=r.num_workers,
+            dataset_name=dataset.name,
+        )
+        for split in ("train", "test")
+    )
+
+
+def retrain(cfg: RunConfig, dataset: Dataset, run: Run, out: Path, device) -> dict:
+    """One run: a fresh model trained with the base recipe on the run's data; returns its row."""
+    training = cfg.training.model_copy(update={"snapshots": cfg.training.snapshots.model_copy(update={"epochs": []})})
+    if cfg.roar.epochs is not None:
+        training = training.model_copy(update={"epochs": cfg.roar.epochs})
+    torch.manual_seed(run.seed)
+    model = build_model(cfg.model, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
+    train_source, test_source = _sources(cfg, dataset, run, device)
+    fingerprint = {"run": "/".join(run.key), "dataset": dataset.fingerprint(), "epochs": training.epochs}
+    summary, _ = fit(
+        model, train_source, test_source, training, out, run.seed, device, desc=run.folder, fingerprint=fingerprint
+    )
+    return {
+        "mode": run.mode,
+        "method": run.method,
+        "threshold": f"{run.threshold:g}",
+        "seed": run.seed,
+        "test_accuracy": f"{summary['test_accuracy']:.6f}",
+        "test_loss": f"{summary['test_loss']:.6f}",
+        "epochs": summary["epochs"],
+        "seconds": summary["seconds"],
+    }
+
+
+def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict:
+    """``roar evaluate``: run (this shard of) the sweep for ``modes``, then summarise all results."""
+    from roar.evaluation.summary import summarise
+
+    i, n = parse_shard(shard)
+    device = resolve_device(cfg.device)
+    dataset = build_dataset(cfg.dataset)
+    with AttributionStore.open(store_path(cfg, "test")) as store:
+        store_methods = store.methods
+    out = cfg.run_dir / "roar"
+    results = out / "results.csv"
+    runs = plan(cfg, modes, store_methods)[i::n]
+    done = {tuple(row[c] for c in ("mode", "method", "threshold", "seed")) for row in read_results(results)}
+    todo = [run for run in runs if run.key not in done]
+    record_run(out, cfg, {"dataset": dataset.fingerprint()}, device)
+    t0 = time.perf_counter()
+    for run in tqdm(todo, desc="retrain", unit="run", disable=None):
+        folder = out / "runs" / run.folder
+        append_result(results, retrain(cfg, dataset, run, folder, device))
+        shutil.rmtree(folder, ignore_errors=True)  # the row is the result; checkpoints were for resuming
+    summary = summarise(out, read_results(results))
+    return {"runs": len(runs), "ran": len(todo), "seconds": round(time.perf_counter() - t0, 1), **summary}

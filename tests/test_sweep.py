@@ -1,0 +1,100 @@
+"""The ROAR/KAR sweep: a fixed plan, exact sharding, resumable results, summaries and plot."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from roar.attribution.extract import extract
+from roar.config import load_config
+from roar.errors import RoarError
+from roar.evaluation.summary import aggregate
+from roar.evaluation.sweep import append_result, evaluate, parse_shard, plan, read_results
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_shards_partition_the_plan_with_no_overlap_and_no_gap():
+    cfg = load_config(None, ["roar.seeds=2", "roar.thresholds=[10, 50, 90]"])
+    runs = plan(cfg, ["roar", "kar"], ["gradient", "random", "sobel"])
+    assert len(runs) == 2 + 2 * 3 * 3 * 2
+    assert runs == plan(cfg, ["roar", "kar"], ["gradient", "random", "sobel"])
+    for n in (1, 3, 4, 7):
+        shards = [runs[i::n] for i in range(n)]
+        flat = [r for s in shards for r in s]
+        assert sorted(flat, key=lambda r: r.key) == sorted(runs, key=lambda r: r.key)
+        assert len(set(flat)) == len(flat)
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "x", "-1/2"):
+        with pytest.raises(RoarError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_methods_missing_from_the_store_are_named():
+    cfg = load_config(None, ["roar.methods=[gradient, vargrad]"])
+    with pytest.raises(RoarError, match="vargrad not in the attribution store"):
+        plan(cfg, ["roar"], ["gradient", "random"])
+
+
+def test_results_survive_a_torn_line(tmp_path):
+    path = tmp_path / "results.csv"
+    row = {
+        "mode": "roar",
+        "method": "m",
+        "threshold": "10",
+        "seed": 0,
+        "test_accuracy": "0.5",
+        "test_loss": "1",
+        "epochs": 1,
+        "seconds": 2,
+    }
+    append_result(path, row)
+    with open(path, "a") as f:
+        f.write("roar,m,30,0,0.4")  # killed mid-append
+    append_result(path, {**row, "threshold": "50"})
+    rows = read_results(path)
+    assert [r["threshold"] for r in rows] == ["10", "50"]
+
+
+def test_aggregate_gives_mean_and_sample_std():
+    rows = [{"mode": "roar", "method": "g", "threshold": "10", "test_accuracy": a} for a in ("0.5", "0.7")]
+    (group,) = aggregate(rows)
+    assert (
+        group["mean"] == pytest.approx(0.6) and group["std"] == pytest.approx(0.1414213, rel=1e-5) and group["n"] == 2
+    )
+
+
+def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(trained_run.run_dir / "train", out / "train")
+    sets = [
+        f"output_dir={out}",
+        f"dataset.root={trained_run.dataset.root}",
+        f"dataset.train_size={trained_run.dataset.train_size}",
+        f"dataset.test_size={trained_run.dataset.test_size}",
+        f"model.widths={trained_run.model.widths}",
+        f"training.epochs={trained_run.training.epochs}",
+        "attribution.methods=[ground_truth, random]",
+        "roar.thresholds=[50]",
+        "roar.seeds=1",
+        "roar.epochs=1",
+    ]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", sets)
+    extract(cfg)
+    first = evaluate(cfg, ["roar"], shard="0/2")
+    rows = read_results(out / "roar" / "results.csv")
+    assert first["ran"] == len(rows) == 2  # runs 0 and 2 of [baseline, ground_truth, random]
+    second = evaluate(cfg, ["roar"])
+    assert second["ran"] == 1, "finished runs must be skipped"
+    rows = read_results(out / "roar" / "results.csv")
+    assert sorted((r["mode"], r["method"]) for r in rows) == [
+        ("baseline", "none"),
+        ("roar", "ground_truth"),
+        ("roar", "random"),
+    ]
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+    for name in ("summary.csv", "summary.md", "accuracy.png", "config.yaml", "provenance.json"):
+        assert (out / "roar" / name).exists(), name
+    assert "ground_truth" in (out / "roar" / "summary.md").read_text()
+    assert not (out / "roar" / "runs").exists() or not any((out / "roar" / "runs").iterdir())
