@@ -142,10 +142,12 @@ def best_of(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = T
     return best
 
 
-def make_model(widths: tuple[int, int, int]) -> Classifier:
+def make_model(widths: tuple[int, int, int]) -> tuple[Classifier, torch.nn.Module]:
+    """(the user's model, channels_last; the same model as roar's extraction prepares it)."""
     torch.manual_seed(0)
-    model = Classifier(ResNet8(10, 3, widths), MEAN, STD).eval()
-    return prepare_model(model, torch.device("cpu")) if prepare_model is not None else model
+    for_captum = Classifier(ResNet8(10, 3, widths), MEAN, STD).eval().to(memory_format=torch.channels_last)
+    for_roar = prepare_model(for_captum, torch.device("cpu")) if prepare_model is not None else for_captum
+    return for_captum, for_roar
 
 
 def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +273,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
     label = "ResNet8 " + "/".join(map(str, widths))
-    model = make_model(widths)
+    user_model, model = make_model(widths)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     info: dict = {"label": label, "layout": "channels_last" if channels_last else "NCHW"}
@@ -283,7 +285,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
 
     x, t = batch(s.images)
     ig = create("integrated_gradients", steps=s.ig_steps, rule="gausslegendre", **s.roar_params)
-    captum_ig = IntegratedGradients(model)
+    captum_ig = IntegratedGradients(user_model)
     log(f"[{label}] IG-{s.ig_steps} on {s.images} images")
     r = best_of(
         {
@@ -323,7 +325,7 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
 
     sg = create("smoothgrad", samples=s.sg_samples, sigma=SIGMA, **s.roar_params)
     copies = max(1, s.chunk // s.images)
-    tunnel = NoiseTunnel(Saliency(model))
+    tunnel = NoiseTunnel(Saliency(user_model))
     log(f"[{label}] SmoothGrad-{s.sg_samples} on {s.images} images")
     r = best_of(
         {
@@ -355,10 +357,10 @@ def measure(widths, s: Settings, log) -> tuple[list[Row], dict]:
     log(f"[{label}]   roar {r['roar'][0]:.2f} s, Captum {r['captum'][0]:.2f} s, floor pass {r['floor'][0]:.2f} s")
 
     gx, gt = batch(s.grid_images, seed=3)
-    ours_grid, their_grid = roar_grid(model, gx, gt, s), captum_grid(model, gx, gt, s)
+    ours_grid, their_grid = roar_grid(model, gx, gt, s), captum_grid(user_model, gx, gt, s)
     wx, wt = batch(2, seed=4)
     roar_grid(model, wx, wt, s)()  # warm-up of every code path on a tiny batch
-    captum_grid(model, wx, wt, s)()
+    captum_grid(user_model, wx, wt, s)()
     log(f"[{label}] 12-method grid on {s.grid_images} images")
     r = best_of({"floor": floor, "roar": ours_grid, "captum": their_grid}, s.grid_repeats, warmup=False)
     ratio = r["roar"][0] / r["captum"][0]
@@ -460,7 +462,9 @@ def machine(load_start, load_end) -> str:
 def settings_text(s: Settings, layout: str) -> str:
     chosen = "set by `--max-batch`" if s.max_batch else "roar's default for the CPU"
     return (
-        f"ResNet8 in eval mode with random weights ({layout}), random 32×32 images in [0, 1], random targets; "
+        f"ResNet8 in eval mode with random weights, channels_last; Captum runs it as it is, roar as its extraction "
+        f"prepares it (BatchNorm folded into the convolutions; {layout}); random 32×32 images in [0, 1], "
+        "random targets; "
         f"chunk {s.chunk} inputs per forward/backward pass on both sides ({chosen}; Captum's "
         f"`internal_batch_size`, and copies × images for noise tunnels); IG: black baseline, Gauss–Legendre; "
         f"noise σ = {SIGMA} (roar: × each image's value range, here ≈ 1; Captum: `stdevs={SIGMA}`); "

@@ -1,0 +1,22 @@
+"""The benchmark script runs and writes its section (numbers are for docs/benchmarks.md, not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_attribution_benchmark_quick_run_writes_its_section(repo, tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attribution", "--quick", "--write", str(out)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "## Attribution engine" in text and "## Another section" in text and "kept" in text
+    assert "IG-50" in text and "12-method grid" in text
