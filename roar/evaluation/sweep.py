@@ -136,6 +136,7 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
             streaming=r.streaming,
             num_workers=r.num_workers,
             dataset_name=dataset.name,
+            split_name=split,
         )
         for split in ("train", "test")
     )
