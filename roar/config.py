@@ -171,6 +171,7 @@ class RoarConfig(Section):
         None, description="read maps from disk with loader workers; default: in memory when it fits"
     )
     num_workers: int = Field(2, ge=0)
+    leakage: bool = Field(False, description="also train on the binary removal mask alone (chance = 1/#classes)")
 
     @field_validator("thresholds")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from roar.attribution.extract import extract
 from roar.config import load_config
@@ -98,3 +99,39 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
         assert (out / "roar" / name).exists(), name
     assert "ground_truth" in (out / "roar" / "summary.md").read_text()
     assert not (out / "roar" / "runs").exists() or not any((out / "roar" / "runs").iterdir())
+
+
+def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):
+    from roar.data import build_dataset
+    from roar.evaluation.sweep import Run, _sources
+
+    out = tmp_path / "leak"
+    shutil.copytree(trained_run.run_dir / "train", out / "train")
+    sets = [
+        f"output_dir={out}",
+        f"dataset.root={trained_run.dataset.root}",
+        f"dataset.train_size={trained_run.dataset.train_size}",
+        f"dataset.test_size={trained_run.dataset.test_size}",
+        f"model.widths={trained_run.model.widths}",
+        f"training.epochs={trained_run.training.epochs}",
+        "attribution.methods=[ground_truth]",
+        "attribution.splits=[train, test]",
+        "roar.leakage=true",
+        "roar.thresholds=[30]",
+        "roar.seeds=2",
+    ]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", sets)
+    runs = plan(cfg, ["roar"], ["ground_truth"])
+    assert [r.mode for r in runs].count("leak_roar") == 1  # one seed only
+    extract(cfg)
+    dataset = build_dataset(cfg.dataset)
+    train, _ = _sources(cfg, dataset, Run("leak_roar", "ground_truth", 30.0, 0), "cpu")
+    images, labels, idx = next(train.batches(16))
+    masks = dataset.train.masks[idx] == 1
+    assert set(images.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(images[:, 0].bool(), images[:, 2].bool())
+    # ROAR at 30% with the oracle map removes object pixels first: all of them where they fit.
+    removed = images[:, 0].bool()
+    assert (removed.flatten(1).sum(1) == round(0.3 * 32 * 32)).all()
+    small = masks.flatten(1).sum(1) <= round(0.3 * 32 * 32)
+    assert small.any() and not (masks & ~removed)[small].any()

@@ -49,8 +49,11 @@ def _markdown(table: list[dict]) -> str:
     for mode in sorted({r["mode"] for r in table} - {"baseline"}):
         rows = [r for r in table if r["mode"] == mode]
         thresholds = sorted({r["threshold"] for r in rows})
-        verb = "removed" if mode == "roar" else "kept"
-        lines.append(f"### {mode.upper()}: test accuracy (%) with the top t% of pixels {verb}\n")
+        verb = "removed" if mode.endswith("roar") else "kept"
+        what = "trained on the removal mask alone (leakage; chance is 1/#classes)" if mode.startswith("leak_") else ""
+        lines.append(
+            f"### {mode.upper()}: test accuracy (%) with the top t% of pixels {verb} {what}\n".replace(" \n", "\n")
+        )
         lines.append("| method | " + " | ".join(f"t = {t:g}%" for t in thresholds) + " |")
         lines.append("|---|" + "---:|" * len(thresholds))
         for method in sorted({r["method"] for r in rows}):
@@ -78,7 +81,7 @@ def _plot(table: list[dict], path: Path) -> None:
         rows = [r for r in table if r["mode"] == mode]
         for method in sorted({r["method"] for r in rows}):
             points = sorted((r["threshold"], r["mean"], r["std"]) for r in rows if r["method"] == method)
-            if baseline is not None and mode == "roar":
+            if baseline is not None and mode == "roar":  # threshold 0 removes nothing: the unmodified model
                 points = [(0.0, baseline["mean"], baseline["std"]), *points]
             xs, ys, es = zip(*points)
             style = "--" if method in CONTROLS else "-"
@@ -91,7 +94,7 @@ def _plot(table: list[dict], path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-        ax.set_xlabel("top pixels " + ("removed" if mode == "roar" else "kept") + " (%)")
+        ax.set_xlabel("top pixels " + ("removed" if mode.endswith("roar") else "kept") + " (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(mode.upper())
         ax.grid(alpha=0.3)

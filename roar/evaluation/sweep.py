@@ -3,9 +3,10 @@ top t% of each image by each method's map, retrain from scratch with the base re
 report test accuracy on the equally ablated test set.
 
 A sweep is a deterministic list of runs (mode × method × threshold × seed, plus the unmodified
-model at threshold 0). Each finished run appends one row to ``results.csv``; a rerun skips the
-rows already there, and a run killed half-way resumes from its own checkpoint. ``--shard i/n``
-takes every n-th run starting at i, so n processes share a sweep with no overlap and no gap.
+model at threshold 0; with ``roar.leakage``, also models trained on the removal mask alone). Each
+finished run appends one row to ``results.csv``; a rerun skips the rows already there, and a run
+killed half-way resumes from its own checkpoint. ``--shard i/n`` takes every n-th run starting at
+i, so n processes share a sweep with no overlap and no gap.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def plan(cfg: RunConfig, modes: list[str], store_methods: list[str]) -> list[Run
     seeds = [cfg.seed + s for s in range(r.seeds)]
     runs = [Run("baseline", BASELINE, 0.0, s) for s in seeds]
     runs += [Run(mode, m, float(t), s) for mode in modes for m in methods for t in r.thresholds for s in seeds]
+    if r.leakage:  # one seed: a diagnostic, not a result
+        runs += [Run(f"leak_{mode}", m, float(t), seeds[0]) for mode in modes for m in methods for t in r.thresholds]
     return runs
 
 
@@ -114,6 +117,23 @@ def append_result(path: Path, row: dict) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class MaskOnly:
+    """The binary removal mask as the only input (Rong et al. 2022): whatever a model learns from it
+    is class information leaking through the *shape* of the removed region, not the pixels left."""
+
+    def __init__(self, source):
+        if not hasattr(source, "removed_for"):
+            raise RoarError("the leakage diagnostic needs the in-memory path: set roar.streaming=false")
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
+        for _, labels, idx in self.source.batches(batch_size, generator, drop_last):
+            yield self.source.removed_for(idx).float(), labels, idx
+
+
 def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
     """Train and test batch sources of one run: ablated by the run's method, or unmodified."""
     r = cfg.roar
@@ -122,13 +142,14 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
     from roar.evaluation.retrain_data import ablated_source
 
     fill = build_fill(r.fill.get("name", "mean"), mean=dataset.mean, **{k: v for k, v in r.fill.items() if k != "name"})
-    return tuple(
+    leak = run.mode.startswith("leak_")
+    sources = tuple(
         ablated_source(
             dataset.split(split),
             store_path(cfg, split),
             run.method,
             run.threshold / 100,
-            run.mode,
+            run.mode.removeprefix("leak_"),
             fill,
             seed=cfg.seed,
             granularity=r.granularity,
@@ -140,6 +161,7 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
         )
         for split in ("train", "test")
     )
+    return tuple(MaskOnly(source) for source in sources) if leak else sources
 
 
 def retrain(cfg: RunConfig, dataset: Dataset, run: Run, out: Path, device) -> dict:
