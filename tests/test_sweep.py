@@ -99,6 +99,9 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
         assert (out / "roar" / name).exists(), name
     assert "ground_truth" in (out / "roar" / "summary.md").read_text()
     assert not (out / "roar" / "runs").exists() or not any((out / "roar" / "runs").iterdir())
+    other = load_config(REPO / "configs" / "smoke.yaml", [*sets, "roar.epochs=2"])
+    with pytest.raises(RoarError, match="differs in: roar"):
+        evaluate(other, ["roar"])
 
 
 def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import json
 import os
 import shutil
 import time
@@ -31,7 +32,7 @@ from roar.device import resolve_device
 from roar.errors import RoarError
 from roar.evaluation.fills import build_fill
 from roar.models import build_model
-from roar.provenance import record_run
+from roar.provenance import record_run, write_json
 from roar.training.sources import source_for
 from roar.training.trainer import fit
 
@@ -188,6 +189,32 @@ def retrain(cfg: RunConfig, dataset: Dataset, run: Run, out: Path, device) -> di
     }
 
 
+def check_settings(out: Path, cfg: RunConfig) -> None:
+    """One results.csv holds runs of one protocol: refuse to mix in runs made with other settings.
+
+    Methods, thresholds, seeds and modes may grow (new rows); anything that changes what a row
+    means (recipe, epochs, fill, granularity, tie-break seed, dataset, model) may not.
+    """
+    settings = {
+        "dataset": cfg.dataset.model_dump(mode="json", exclude={"root", "cache"}),
+        "model": cfg.model.model_dump(mode="json"),
+        "training": cfg.training.model_dump(mode="json", exclude={"eval_batch_size", "num_workers", "snapshots"}),
+        "roar": cfg.roar.model_dump(mode="json", include={"granularity", "fill", "epochs"}),
+        "seed": cfg.seed,
+    }
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            raise RoarError(
+                f"{out / 'results.csv'} holds runs made with other settings (differs in: {', '.join(changed)}); "
+                "use another output_dir or name, or delete that folder"
+            )
+    else:
+        write_json(path, settings)
+
+
 def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict:
     """``roar evaluate``: run (this shard of) the sweep for ``modes``, then summarise all results."""
     from roar.evaluation.summary import summarise
@@ -199,6 +226,7 @@ def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict
         store_methods = store.methods
     out = cfg.run_dir / "roar"
     results = out / "results.csv"
+    check_settings(out, cfg)
     runs = plan(cfg, modes, store_methods)[i::n]
     done = {tuple(row[c] for c in ("mode", "method", "threshold", "seed")) for row in read_results(results)}
     todo = [run for run in runs if run.key not in done]
