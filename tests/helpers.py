@@ -32,3 +32,25 @@ def model_batch(size: int = 16, n: int = 4, varied_batchnorm: bool = True, full_
     with torch.no_grad():
         targets = model(images).argmax(1)
     return model, images, targets
+
+
+def run_copy(trained_run, tmp_path, name, overrides=()):
+    """(config, overrides) of a new run folder holding a copy of ``trained_run``'s model."""
+    import shutil
+    from pathlib import Path
+
+    from roar.config import load_config
+
+    out = tmp_path / name
+    shutil.copytree(trained_run.run_dir / "train", out / "train")
+    sets = [
+        f"output_dir={out}",
+        f"dataset.root={trained_run.dataset.root}",
+        f"dataset.train_size={trained_run.dataset.train_size}",
+        f"dataset.test_size={trained_run.dataset.test_size}",
+        f"model.widths={trained_run.model.widths}",
+        f"training.epochs={trained_run.training.epochs}",
+        *overrides,
+    ]
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    return load_config(smoke, sets), sets

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import run_copy
 
 from roar.attribution import create
 from roar.attribution.engine import fold_batchnorm, prepare_model
@@ -28,20 +28,6 @@ def nan_method(model, images, targets):
     """A plug-in that breaks on the fifth image of the split."""
     out = torch.zeros(images.shape[0], 1, *images.shape[2:])
     return out.fill_(float("nan")) if images.shape[0] > 5 else out
-
-
-def run_copy(trained_run, tmp_path, name, overrides=()):
-    """A config for a new output dir that holds a copy of the trained model."""
-    out = tmp_path / name
-    shutil.copytree(trained_run.run_dir / "train", out / "train")
-    base = [f"{k}={v}" for k, v in (("output_dir", out), ("dataset.root", trained_run.dataset.root))]
-    sizes = [
-        f"dataset.train_size={trained_run.dataset.train_size}",
-        f"dataset.test_size={trained_run.dataset.test_size}",
-        f"model.widths={trained_run.model.widths}",
-        f"training.epochs={trained_run.training.epochs}",
-    ]
-    return load_config(REPO / "configs" / "smoke.yaml", [*base, *sizes, *overrides]), [*base, *sizes, *overrides]
 
 
 def test_extract_writes_complete_stores_for_both_splits(trained_run, tmp_path):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from helpers import run_copy
 
 from roar.attribution.extract import extract
 from roar.config import load_config
@@ -67,21 +66,13 @@ def test_aggregate_gives_mean_and_sample_std():
 
 
 def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
-    out = tmp_path / "sweep"
-    shutil.copytree(trained_run.run_dir / "train", out / "train")
-    sets = [
-        f"output_dir={out}",
-        f"dataset.root={trained_run.dataset.root}",
-        f"dataset.train_size={trained_run.dataset.train_size}",
-        f"dataset.test_size={trained_run.dataset.test_size}",
-        f"model.widths={trained_run.model.widths}",
-        f"training.epochs={trained_run.training.epochs}",
-        "attribution.methods=[ground_truth, random]",
-        "roar.thresholds=[50]",
-        "roar.seeds=1",
-        "roar.epochs=1",
-    ]
-    cfg = load_config(REPO / "configs" / "smoke.yaml", sets)
+    cfg, sets = run_copy(
+        trained_run,
+        tmp_path,
+        "sweep",
+        ["attribution.methods=[ground_truth, random]", "roar.thresholds=[50]", "roar.seeds=1", "roar.epochs=1"],
+    )
+    out = cfg.run_dir
     extract(cfg)
     first = evaluate(cfg, ["roar"], shard="0/2")
     rows = read_results(out / "roar" / "results.csv")
@@ -108,22 +99,14 @@ def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):
     from roar.data import build_dataset
     from roar.evaluation.sweep import Run, _sources
 
-    out = tmp_path / "leak"
-    shutil.copytree(trained_run.run_dir / "train", out / "train")
-    sets = [
-        f"output_dir={out}",
-        f"dataset.root={trained_run.dataset.root}",
-        f"dataset.train_size={trained_run.dataset.train_size}",
-        f"dataset.test_size={trained_run.dataset.test_size}",
-        f"model.widths={trained_run.model.widths}",
-        f"training.epochs={trained_run.training.epochs}",
+    overrides = [
         "attribution.methods=[ground_truth]",
-        "attribution.splits=[train, test]",
+        "roar.methods=[ground_truth]",
         "roar.leakage=true",
         "roar.thresholds=[30]",
         "roar.seeds=2",
     ]
-    cfg = load_config(REPO / "configs" / "smoke.yaml", sets)
+    cfg, _ = run_copy(trained_run, tmp_path, "leak", overrides)
     runs = plan(cfg, ["roar"], ["ground_truth"])
     assert [r.mode for r in runs].count("leak_roar") == 1  # one seed only
     extract(cfg)
