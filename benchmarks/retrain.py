@@ -296,7 +296,7 @@ def render(command: str, info: dict, s: Settings, load_start: float, load_end: f
         f"One-off setup, not in the epochs above: (b) builds the removal masks of all {info['n']} images when the "
         f"source is made, {setup['in_memory']:.2f} s (≈ {setup['in_memory'] / min(info['epochs']['reference']):.2f} "
         f"unmodified epochs); (c) only checks the store against the split, {setup['streaming']:.3f} s. "
-        "\"Batches alone\": the source iterated for one epoch without training.",
+        '"Batches alone": the source iterated for one epoch without training.',
         "",
         "Targets:",
         "",
