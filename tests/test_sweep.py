@@ -121,3 +121,66 @@ def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):
     assert (removed.flatten(1).sum(1) == round(0.3 * 32 * 32)).all()
     small = masks.flatten(1).sum(1) <= round(0.3 * 32 * 32)
     assert small.any() and not (masks & ~removed)[small].any()
+
+
+def test_training_augments_the_ablated_images_and_evaluation_does_not(trained_run, tmp_path, monkeypatch):
+    """Loader order: ablation → augmentation → normalisation (inside the model); test set unaugmented."""
+    import roar.training.trainer as trainer
+    from roar.data import build_dataset
+    from roar.evaluation.sweep import Run, retrain
+
+    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.epochs=1"]
+    cfg, _ = run_copy(trained_run, tmp_path, "order", overrides)
+    extract(cfg)
+    dataset = build_dataset(cfg.dataset)
+    fill = torch.tensor(dataset.mean).view(1, 3, 1, 1)
+    seen = []
+    augment = trainer.random_crop_flip
+
+    def recording(images, *args, **kwargs):
+        seen.append(images.clone())
+        return augment(images, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "random_crop_flip", recording)
+    retrain(cfg, dataset, Run("roar", "ground_truth", 50.0, 0), tmp_path / "run", torch.device("cpu"))
+    assert len(seen) == len(dataset.train.images) // cfg.training.batch_size, "only training batches are augmented"
+    for images in seen:
+        assert images.min() >= 0 and images.max() <= 1, "normalisation must come after augmentation"
+        filled = (images == fill).all(1).flatten(1).sum(1)  # pixels holding the [0, 1]-space mean
+        assert (filled >= round(0.5 * 32 * 32)).all(), "augmentation received images that were not ablated"
+
+
+def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trained_run, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.epochs=4"]
+    straight, _ = run_copy(trained_run, tmp_path, "straight", overrides)
+    killed, sets = run_copy(trained_run, tmp_path, "killed", overrides)
+    extract(straight)
+    shutil.copytree(straight.run_dir / "attributions", killed.run_dir / "attributions")
+    command = [sys.executable, "-m", "roar", "evaluate", "--config", "configs/smoke.yaml", "--mode", "roar"]
+    command += [x for s in sets for x in ("--set", s)]
+
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed.run_dir / "roar" / "runs" / "roar-ground_truth-50-seed0" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    results = killed.run_dir / "roar" / "results.csv"
+    assert [r["mode"] for r in read_results(results)] == ["baseline"], "killed outside the second run"
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    evaluate(straight, ["roar"])
+
+    def rows(cfg):
+        keep = ("mode", "method", "threshold", "seed", "test_accuracy", "test_loss", "epochs")
+        return [{k: r[k] for k in keep} for r in read_results(cfg.run_dir / "roar" / "results.csv")]
+
+    assert rows(killed) == rows(straight) and len(rows(killed)) == 2
