@@ -184,14 +184,83 @@ class RoarConfig(Section):
     @field_validator("fill")
     @classmethod
     def _known_fill(cls, fill: dict[str, Any]) -> dict[str, Any]:
-        from roar.evaluation.fills import FILLS
+        return _check_fill(fill)
 
-        name = fill.get("name")
-        if name not in FILLS:
-            raise ValueError(
-                f"unknown fill '{name}'{closest(str(name), FILLS.names())}; known: {', '.join(FILLS.names())}"
-            )
-        return fill
+
+def _check_fill(fill: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    from roar.evaluation.fills import FILLS
+
+    known = [*FILLS.names(), *extra]
+    name = fill.get("name")
+    if name not in known:
+        raise ValueError(f"unknown fill '{name}'{closest(str(name), known)}; known: {', '.join(known)}")
+    return fill
+
+
+DEFAULT_FRACTIONS = [round(0.1 * i, 1) for i in range(11)]
+
+
+class LerfConfig(Section):
+    """``roar lerf``: perturbation curves without retraining (MoRF/LeRF, patch degradation, ROAD)."""
+
+    methods: list[str] | None = Field(None, description="store methods to evaluate; default: all in the store")
+    split: Literal["train", "test"] = "test"
+    orders: list[Literal["morf", "lerf", "random"]] = Field(default_factory=lambda: ["morf", "lerf", "random"])
+    granularity: Literal["pixel", "patch"] = "pixel"
+    patch_size: int = Field(9, ge=1, description="patch granularity: side of the square patches")
+    steps: list[float] | int = Field(
+        default_factory=lambda: list(DEFAULT_FRACTIONS),
+        description="fractions removed at each step, or (patch granularity) a number of patch steps 0..n",
+    )
+    fill: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "mean"}, description="mean, zero, blur, road or patch_mean, with parameters"
+    )
+    max_images: int | None = Field(None, ge=1, description="a seeded random subset of the split; default: all")
+    batch_size: int = Field(256, ge=1, description="images per forward pass")
+    amp: bool = Field(False, description="bf16 autocast on CUDA")
+
+    @field_validator("steps")
+    @classmethod
+    def _fractions(cls, steps: list[float] | int) -> list[float] | int:
+        if isinstance(steps, int):
+            if steps < 1:
+                raise ValueError(f"a number of patch steps must be >= 1, got {steps}")
+            return steps
+        bad = [f for f in steps if not 0 <= f <= 1]
+        if bad or not steps:
+            raise ValueError(f"steps are fractions in [0, 1], got {bad or steps}")
+        if sorted(steps) != list(steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"steps must be strictly increasing, got {steps}")
+        return steps
+
+    @field_validator("fill")
+    @classmethod
+    def _known_fill(cls, fill: dict[str, Any]) -> dict[str, Any]:
+        return _check_fill(fill, ("patch_mean",))
+
+    @model_validator(mode="after")
+    def _patch_steps_need_patches(self) -> LerfConfig:
+        if isinstance(self.steps, int) and self.granularity != "patch":
+            raise ValueError("a number of steps counts patches: set granularity: patch, or give fractions")
+        if self.fill.get("name") == "patch_mean" and self.granularity != "patch":
+            raise ValueError("fill patch_mean replaces whole patches: set granularity: patch")
+        return self
+
+
+class VogConfig(Section):
+    """``roar vog``: Variance of Gradients over the training snapshots, and peer difficulty scores."""
+
+    splits: list[Literal["train", "test"]] = Field(default_factory=lambda: ["train", "test"])
+    stages: dict[str, list[int]] | None = Field(
+        None,
+        description="snapshot positions (0-based, in training order) of each stage; default: early, middle "
+        "and late thirds; 'complete' (every snapshot) is always added",
+    )
+    batch_size: int = Field(256, ge=1, description="images per gradient batch")
+    max_batch: int | None = Field(None, ge=1, description="inputs per backward pass; default 64 CPU, 1024 GPU")
+    compression: Literal["lzf", "gzip", "none"] = "lzf"
+    grid_k: int = Field(8, ge=1, description="lowest- and highest-VoG images shown per class")
+    peers: bool = Field(True, description="also EL2N, forgetting events and data-map confidence/variability")
 
 
 class RunConfig(Section):
@@ -204,6 +273,8 @@ class RunConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     roar: RoarConfig = Field(default_factory=RoarConfig)
+    lerf: LerfConfig = Field(default_factory=LerfConfig)
+    vog: VogConfig = Field(default_factory=VogConfig)
 
     @model_validator(mode="before")
     @classmethod
