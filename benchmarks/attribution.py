@@ -30,8 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
-import re
 import sys
 import time
 import warnings
@@ -42,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import machine, write_section
 from roar.attribution import Context, create
 from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
 from roar.models.base import Classifier
@@ -57,12 +56,6 @@ except ImportError:
     prepare_model = None
 
 SECTION = "## Attribution engine"
-INTRO = (
-    "# Benchmarks\n\n"
-    "Figures produced by `task bench`; ratios against a reference measured in the same run "
-    "(same process, model, inputs and chunk sizes), so they hold up when absolute speeds vary with "
-    "the machine and its load.\n"
-)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 SMALL, SEED = (16, 32, 64), (64, 128, 256)
 GRID = [
@@ -442,23 +435,6 @@ def targets(infos: list[dict], rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(load_start, load_end) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import captum
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({usable} usable), torch {torch.__version__}, captum {captum.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads (torch default); load average "
-        f"{load_start:.2f} before, {load_end:.2f} after"
-    )
-
-
 def settings_text(s: Settings, layout: str) -> str:
     chosen = "set by `--max-batch`" if s.max_batch else "roar's default for the CPU"
     return (
@@ -480,10 +456,12 @@ def render(command: str, rows, infos, s: Settings, load_start, load_end, layout:
         i["label"] + ": " + ", ".join(f"{v:.0f} inputs/s in the {k} rounds" for k, v in i["throughput"].items())
         for i in infos
     )
+    import captum
+
     parts = [
         SECTION,
         "",
-        f"- Machine: {machine(load_start, load_end)}.",
+        f"- Machine: {machine(load_start, load_end, f'captum {captum.__version__}')}.",
         f"- Command: `{command}`",
         f"- Date: {date}",
         f"- Settings: {settings_text(s, layout)}",
@@ -502,21 +480,6 @@ def render(command: str, rows, infos, s: Settings, load_start, load_end, layout:
         *[breakdown(i) + "\n" for i in infos],
     ]
     return "\n".join(parts).rstrip() + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's ``##`` section of ``path`` (or append it), keeping the others."""
-    text = path.read_text() if path.exists() else INTRO
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,12 +32,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
-import benchmarks.attribution as attribution_bench
+from benchmarks.report import machine, write_section
 from roar.attribution.store import StoreWriter
 from roar.config import load_config
 from roar.data import TensorSplit, build_dataset
@@ -284,7 +283,7 @@ def render(command: str, info: dict, s: Settings, load_start: float, load_end: f
     parts = [
         SECTION,
         "",
-        f"- Machine: {attribution_bench.machine(load_start, load_end)}.",
+        f"- Machine: {machine(load_start, load_end)}.",
         f"- Command: `{command}`",
         f"- Date: {date}",
         f"- Settings: {settings_text(info, s)}",
@@ -303,12 +302,6 @@ def render(command: str, info: dict, s: Settings, load_start: float, load_end: f
         targets_text(info),
     ]
     return "\n".join(parts).rstrip() + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's ``##`` section of ``path`` (or append it), keeping the others."""
-    with mock.patch.object(attribution_bench, "SECTION", SECTION):
-        attribution_bench.write_section(path, section)
 
 
 def main(argv: list[str] | None = None) -> int:

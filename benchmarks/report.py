@@ -1,0 +1,51 @@
+"""What every benchmark writes: its own ``##`` section of docs/benchmarks.md, with the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+INTRO = (
+    "# Benchmarks\n\n"
+    "Figures produced by `task bench`; ratios against a reference measured in the same run "
+    "(same process, model, inputs and chunk sizes), so they hold up when absolute speeds vary with "
+    "the machine and its load.\n"
+)
+
+
+def machine(load_start: float, load_end: float, *extra: str) -> str:
+    """CPU, cores, torch (and ``extra`` library versions), threads and the load around the run."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = ", ".join([f"torch {torch.__version__}", *extra])
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({usable} usable), {versions}, "
+        f"{torch.get_num_threads()} intra-op threads (torch default); load average "
+        f"{load_start:.2f} before, {load_end:.2f} after"
+    )
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the ``##`` section of ``path`` whose heading is ``section``'s first line (or append
+    it), keeping the others."""
+    heading = section.splitlines()[0].rstrip()
+    text = path.read_text() if path.exists() else INTRO
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
