@@ -67,6 +67,17 @@ def cmd_evaluate(args) -> str:
     )
 
 
+def cmd_lerf(args) -> str:
+    from roar.evaluation.lerf import run
+
+    cfg = _load(args)
+    s = run(cfg)
+    return (
+        f"perturbation curves of {s['methods']} methods on {s['images']} images ({s['ran']} computed) in "
+        f"{s['seconds']:.0f} s; results, summary and plot -> {s['output']}"
+    )
+
+
 def cmd_inspect(args) -> str:
     from roar.attribution.store import describe
 
@@ -119,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at I (0-based), to share a sweep")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("lerf", help="MoRF/LeRF, patch degradation and ROAD curves without retraining (task lerf)")
+    _config_args(p)
+    p.set_defaults(func=cmd_lerf)
 
     p = sub.add_parser("inspect", help="what an attribution store holds: methods, sizes, provenance, completeness")
     p.add_argument("files", nargs="+", metavar="FILE.h5")

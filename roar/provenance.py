@@ -63,3 +63,23 @@ def record_run(stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch
     }
     write_json(stage_dir / "provenance.json", info)
     return info
+
+
+def guard_settings(out: str | Path, settings: dict, results: str) -> None:
+    """One results file holds results of one protocol: record ``settings`` in ``out/settings.json``
+    on first use and refuse to add results made with different ones (a RoarError naming the keys)."""
+    from roar.errors import RoarError
+
+    out = Path(out)
+    settings = json.loads(json.dumps(settings, default=str))
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            raise RoarError(
+                f"{out / results} holds results made with other settings (differs in: {', '.join(changed)}); "
+                "use another output_dir or name, or delete that folder"
+            )
+    else:
+        write_json(path, settings)

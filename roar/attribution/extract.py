@@ -26,7 +26,7 @@ from roar.data import Dataset, ImageSplit, build_dataset
 from roar.device import resolve_device
 from roar.errors import RoarError
 from roar.provenance import git_commit, record_run, write_json
-from roar.training import load_trained_model
+from roar.training import load_run_model
 
 
 def store_path(cfg: RunConfig, split: str) -> Path:
@@ -168,14 +168,8 @@ def extract(cfg: RunConfig) -> dict:
     """``roar extract`` for a run: stores in ``<run>/attributions/<split>.h5``; returns a summary."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model_path = cfg.run_dir / "train" / "model.pt"
-    model, meta = load_trained_model(model_path, device)
     dataset = build_dataset(cfg.dataset)
-    if meta["dataset_fingerprint"] != dataset.fingerprint():
-        raise RoarError(
-            f"{model_path} was trained on another dataset (fingerprint {meta['dataset_fingerprint']}, "
-            f"this config's is {dataset.fingerprint()}); retrain or fix the dataset section"
-        )
+    model, _, model_path = load_run_model(cfg, dataset, device)
     probe = load_rows(dataset.test, 0, min(16, len(dataset.test)), 0)[0].float().div_(255)
     model = prepare_model(model, device, probe=probe)
     entries = cfg.attribution.entries()

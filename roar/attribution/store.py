@@ -898,6 +898,17 @@ class AttributionStore:
             raise ValueError(f"rows [{start}, {stop}) are outside [0, {self.n}) in {self.path}")
         return source.read(start, stop)
 
+    def read_rows(self, method: str, rows) -> np.ndarray:
+        """float32 maps of the given ascending ``rows`` (a sample of the split), read as runs of
+        consecutive rows so that a sparse sample never loads the rows between its members."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (np.diff(rows) <= 0).any():
+            raise ValueError("rows must be a 1-D ascending sequence without repeats")
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = np.split(rows, breaks) if len(rows) else []
+        parts = [self.read(method, int(run[0]), int(run[-1]) + 1) for run in runs]
+        return np.concatenate(parts) if parts else np.empty((0, *self.read(method, 0, 0).shape[1:]), np.float32)
+
     def read_chunks(self, method: str) -> Iterator[tuple[int, np.ndarray]]:
         """(start, maps) for each stored chunk, in order: the cheapest way to stream a whole method."""
         return self._source(method).chunks()

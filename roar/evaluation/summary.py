@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from roar.atomic import write_text_atomic
+from roar.plots import pyplot, save_figure
 
 CONTROLS = ("random", "sobel")
 
@@ -67,11 +68,7 @@ def _markdown(table: list[dict]) -> str:
 
 
 def _plot(table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     modes = sorted({r["mode"] for r in table} - {"baseline"})
     if not modes:
         return
@@ -100,10 +97,7 @@ def _plot(table: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def summarise(out: Path, rows: list[dict]) -> dict:

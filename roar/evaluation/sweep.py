@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import json
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ from roar.device import resolve_device
 from roar.errors import RoarError
 from roar.evaluation.fills import build_fill
 from roar.models import build_model
-from roar.provenance import record_run, write_json
+from roar.provenance import guard_settings, record_run
 from roar.training.sources import source_for
 from roar.training.trainer import fit
 
@@ -202,17 +201,7 @@ def check_settings(out: Path, cfg: RunConfig) -> None:
         "roar": cfg.roar.model_dump(mode="json", include={"granularity", "fill", "epochs"}),
         "seed": cfg.seed,
     }
-    path = out / "settings.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        if changed:
-            raise RoarError(
-                f"{out / 'results.csv'} holds runs made with other settings (differs in: {', '.join(changed)}); "
-                "use another output_dir or name, or delete that folder"
-            )
-    else:
-        write_json(path, settings)
+    guard_settings(out, settings, "results.csv")
 
 
 def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict:

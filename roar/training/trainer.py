@@ -323,3 +323,16 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
     model = build_model(model_cfg, meta["num_classes"], tuple(meta["geometry"]), meta["mean"], meta["std"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), meta
+
+
+def load_run_model(cfg: RunConfig, dataset: Dataset, device) -> tuple[Classifier, dict, Path]:
+    """The run's trained model (``<run>/train/model.pt``) on ``device``, its metadata and path,
+    after checking that it was trained on ``dataset``."""
+    path = cfg.run_dir / "train" / "model.pt"
+    model, meta = load_trained_model(path, device)
+    if meta["dataset_fingerprint"] != dataset.fingerprint():
+        raise RoarError(
+            f"{path} was trained on another dataset (fingerprint {meta['dataset_fingerprint']}, "
+            f"this config's is {dataset.fingerprint()}); retrain or fix the dataset section"
+        )
+    return model, meta, path
