@@ -39,7 +39,7 @@ def cmd_train(args) -> str:
 
     cfg = _load(args)
     s = train(cfg, restart=args.restart)
-    verb = "already trained" if s.get("skipped") else "trained"
+    verb = "already trained" if s.get("skipped") else "trained" if s["epochs"] else "evaluated (training.epochs: 0)"
     return (
         f"{verb} {s['model']} on {s['dataset']}: test accuracy {100 * s['test_accuracy']:.2f}% "
         f"after {s['epochs']} epochs ({s['seconds']:.0f} s) -> {cfg.run_dir / 'train'}"

@@ -57,7 +57,9 @@ class SnapshotConfig(Section):
 
 
 class TrainingConfig(Section):
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(
+        30, ge=0, description="0: no training, the model as built (e.g. pretrained weights) is evaluated and saved"
+    )
     batch_size: int = Field(256, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

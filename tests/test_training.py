@@ -134,3 +134,38 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_overrides, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (killed / "train" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4, 5, 6]
+
+
+def test_zero_epochs_saves_the_model_as_built_for_evaluation_only(tiny_overrides, tmp_path):
+    """training.epochs = 0: the model is used as it is (e.g. pretrained weights), evaluated and saved."""
+    from roar.data import build_dataset
+    from roar.models import build_model
+
+    cfg = load_config(None, [*tiny_overrides, "training.epochs=0", "training.schedule={name: onecycle}"])
+    summary = train(cfg)
+    assert summary["epochs"] == 0 and 0 <= summary["test_accuracy"] <= 1
+    dataset = build_dataset(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    built = build_model(cfg.model, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
+    saved = load_checkpoint(cfg.run_dir / "train" / "model.pt")["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in built.state_dict().items())
+
+
+def test_roar_retraining_starts_from_scratch_even_with_pretrained_weights(tiny_overrides, monkeypatch):
+    import roar.evaluation.sweep as sweep
+    from roar.data import build_dataset
+
+    cfg = load_config(None, [*tiny_overrides, "model={name: resnet50, weights: /nowhere/weights.pt}"])
+    built = []
+
+    def record(model_cfg, *args):
+        built.append(model_cfg)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(sweep, "build_model", record)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.retrain(cfg, build_dataset(cfg.dataset), sweep.Run("baseline", "none", 0.0, 0), None, "cpu")
+    assert built[0].name == "resnet50" and built[0].weights is None
+    with pytest.raises(RoarError, match="roar.epochs: set the retraining epochs"):
+        zero = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 0})})
+        sweep.retrain(zero, build_dataset(cfg.dataset), sweep.Run("baseline", "none", 0.0, 0), None, "cpu")

@@ -165,12 +165,16 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
 
 
 def retrain(cfg: RunConfig, dataset: Dataset, run: Run, out: Path, device) -> dict:
-    """One run: a fresh model trained with the base recipe on the run's data; returns its row."""
+    """One run: a fresh model trained from scratch (never from pretrained weights) with the base recipe
+    on the run's data; returns its row."""
     training = cfg.training.model_copy(update={"snapshots": cfg.training.snapshots.model_copy(update={"epochs": []})})
     if cfg.roar.epochs is not None:
         training = training.model_copy(update={"epochs": cfg.roar.epochs})
+    if training.epochs == 0:
+        raise RoarError("roar.epochs: set the retraining epochs (training.epochs is 0: the base model is not trained)")
     torch.manual_seed(run.seed)
-    model = build_model(cfg.model, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
+    scratch = cfg.model.model_copy(update={"weights": None}) if getattr(cfg.model, "weights", None) else cfg.model
+    model = build_model(scratch, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
     train_source, test_source = _sources(cfg, dataset, run, device)
     fingerprint = {"run": "/".join(run.key), "dataset": dataset.fingerprint(), "epochs": training.epochs}
     summary, _ = fit(

@@ -44,7 +44,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.O
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int):
     """A per-step schedule: epochs-based settings are converted to optimiser steps."""
-    s, total = cfg.schedule, cfg.epochs * steps_per_epoch
+    s, total = cfg.schedule, max(cfg.epochs * steps_per_epoch, 1)
     if s.name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_epochs * steps_per_epoch, gamma=s.gamma)
     if s.name == "cosine":
