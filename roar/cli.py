@@ -78,6 +78,19 @@ def cmd_lerf(args) -> str:
     )
 
 
+def cmd_vog(args) -> str:
+    from roar.vog.stage import run
+
+    cfg = _load(args)
+    s = run(cfg)
+    splits = ", ".join(f"{r['split']} ({r['images']})" for r in s["splits"])
+    return (
+        f"VoG over {s['snapshots']} snapshots for {splits} ({s['passes']} snapshot passes computed) in "
+        f"{s['seconds']:.0f} s: {s['analysed_split']} error {100 * s['error_lowest_decile']:.1f}% in the lowest "
+        f"VoG decile, {100 * s['error_highest_decile']:.1f}% in the highest; scores, tables and plots -> {s['output']}"
+    )
+
+
 def cmd_inspect(args) -> str:
     from roar.attribution.store import describe
 
@@ -134,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lerf", help="MoRF/LeRF, patch degradation and ROAD curves without retraining (task lerf)")
     _config_args(p)
     p.set_defaults(func=cmd_lerf)
+
+    p = sub.add_parser("vog", help="VoG example difficulty and peer scores over the training snapshots (task vog)")
+    _config_args(p)
+    p.set_defaults(func=cmd_vog)
 
     p = sub.add_parser("inspect", help="what an attribution store holds: methods, sizes, provenance, completeness")
     p.add_argument("files", nargs="+", metavar="FILE.h5")

@@ -262,7 +262,14 @@ class VogConfig(Section):
     max_batch: int | None = Field(None, ge=1, description="inputs per backward pass; default 64 CPU, 1024 GPU")
     compression: Literal["lzf", "gzip", "none"] = "lzf"
     grid_k: int = Field(8, ge=1, description="lowest- and highest-VoG images shown per class")
+    grid_classes: int = Field(20, ge=0, description="classes (the first ones) that get an image grid")
     peers: bool = Field(True, description="also EL2N, forgetting events and data-map confidence/variability")
+    el2n_snapshot: int | None = Field(
+        None,
+        description="snapshot position (0-based, negative from the end) of EL2N and GraNd; default: the last "
+        "snapshot of the early stage",
+    )
+    grand: bool = Field(False, description="also GraNd, the per-example norm of the loss gradient over the weights")
 
 
 class RunConfig(Section):

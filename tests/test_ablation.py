@@ -325,8 +325,8 @@ def test_blur_fill_matches_scipy(sigma):
 
 
 def test_fill_registry():
-    assert {"mean", "zero", "blur"} <= set(FILLS.names())
-    assert "road" not in FILLS  # registered by the ROAD module, never as a placeholder here
+    assert {"mean", "zero", "blur", "road"} <= set(FILLS.names())
+    assert "nonexistent" not in FILLS
     assert build_fill("blur").sigma == 2.0
 
 

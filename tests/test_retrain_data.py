@@ -132,6 +132,7 @@ def source(stores, *, granularity="pixel", method="blocky", fraction=0.3, mode="
         ("blocky", "kar", 0.7, "pixel", "blur"),
         ("perm", "kar", 0.1, "pixel", ODD_FILL),
         ("blocky", "roar", 0.5, "element", ODD_FILL),
+        ("blocky", "roar", 0.3, "pixel", "road"),
     ],
 )
 def test_both_paths_equal_removal_mask_and_ablate_bit_for_bit(stores, method, mode, fraction, granularity, fill):

@@ -15,10 +15,13 @@ Built-in fills:
 * ``zero``: black.
 * ``blur``: the pixel's value in a Gaussian-blurred copy of the image (the perturbation of Fong &
   Vedaldi's meaningful perturbations), which removes fine detail without a flat, shape-revealing patch.
+* ``road``: ROAD's noisy linear imputation (Rong, Leemann et al., ICML 2022; ``roar.perturb.road``):
+  each removed pixel the weighted mean of its 8 neighbours, solved jointly, plus N(0, noise²) noise
+  drawn per image from (seed, dataset index), so an image gets the same noise in any batch or loader.
 
-Other fills (ROAD's noisy linear imputation, an inpainter) register themselves in ``FILLS`` with
-``@FILLS.register(name, ConfigClass)`` on a factory ``(cfg, mean=None) -> fill``; ``build_fill``
-then builds them by name like the built-ins.
+Other fills (an inpainter) register themselves in ``FILLS`` with ``@FILLS.register(name,
+ConfigClass)`` on a factory ``(cfg, mean=None) -> fill``; ``build_fill`` then builds them by name
+like the built-ins.
 """
 
 from __future__ import annotations
@@ -194,3 +197,73 @@ def build_fill(spec: str | Section, mean: Sequence[float] | None = None, **param
 
 def list_fills() -> list[str]:
     return FILLS.names()
+
+
+# --------------------------------------------------------------------------------------------- road
+
+
+class RoadFillConfig(Section):
+    name: Literal["road"] = "road"
+    noise: float = Field(0.01, ge=0, description="standard deviation of the noise on imputed values ([0, 1] units)")
+    fallback: list[float] | None = Field(
+        None,
+        description="per-channel value in [0, 1] for a channel removed entirely (nothing to impute from); "
+        "default: the dataset's per-channel mean, else 0.5",
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="noise seed; an image's noise depends on it and its dataset index")
+
+    @field_validator("fallback")
+    @classmethod
+    def _unit_interval(cls, fallback: list[float] | None) -> list[float] | None:
+        if fallback is not None and (not fallback or any(not 0.0 <= v <= 1.0 for v in fallback)):
+            raise ValueError("needs one value in [0, 1] per channel (images are in [0, 1] before normalisation)")
+        return fallback
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s noise generator: a 63-bit hash of (seed, index)."""
+    return _splitmix64(_splitmix64(seed) ^ (index & 0xFFFFFFFFFFFFFFFF)) >> 1
+
+
+class RoadFill:
+    """ROAD's noisy linear imputation as a fill (``roar.perturb.road.road_impute``).
+
+    Each image's noise comes from its own generator seeded by (seed, dataset index) — the ``indices``
+    of the context, or the batch positions without them — and the solve of an image does not depend
+    on the rest of its batch, so an image is filled bit-identically in any batch, order, loader path
+    or worker.
+    """
+
+    def __init__(self, noise: float = 0.01, fallback: Sequence[float] | None = None, seed: int = 0):
+        self.noise = float(noise)
+        self.fallback = tuple(float(v) for v in fallback) if fallback is not None else None
+        self.seed = int(seed)
+
+    def __call__(self, images: torch.Tensor, removed: torch.Tensor, **context: Any) -> torch.Tensor:
+        from roar.perturb.road import road_impute  # roar.perturb builds on this module: import when used
+
+        removed = torch.broadcast_to(removed, images.shape)
+        generators = None
+        if self.noise > 0:
+            indices = context.get("indices")
+            rows = range(len(images)) if indices is None else torch.as_tensor(indices).reshape(-1).tolist()
+            generators = [torch.Generator(images.device).manual_seed(noise_seed(self.seed, int(i))) for i in rows]
+        return road_impute(images, removed, self.noise, generators, self.fallback)
+
+    def __repr__(self) -> str:
+        return f"RoadFill(noise={self.noise}, fallback={self.fallback}, seed={self.seed})"
+
+
+@FILLS.register("road", RoadFillConfig)
+def build_road(cfg: RoadFillConfig, mean: Sequence[float] | None = None) -> RoadFill:
+    fallback = cfg.fallback if cfg.fallback is not None else mean
+    if fallback is not None and (not fallback or any(not 0.0 <= float(v) <= 1.0 for v in fallback)):
+        raise RoarError(f"fill 'road': the fallback must be per-channel values in [0, 1], got {tuple(fallback)}")
+    return RoadFill(cfg.noise, fallback, cfg.seed)

@@ -1,0 +1,249 @@
+"""ROAD's noisy linear imputation: agrees with a direct sparse solve of the definition, changes removed
+pixels only, adds noise of the requested size there, and gives an image the same result in any batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+
+from roar.config import RoarConfig
+from roar.errors import RoarError
+from roar.evaluation import ablate, build_fill
+from roar.evaluation.fills import RoadFill, noise_seed
+from roar.perturb import road_impute
+
+B, C, H, W = 3, 3, 11, 13  # odd and unequal sides: a transposed axis cannot go unnoticed
+OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def reference(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The definition, solved directly: every removed pixel equals the renormalised weighted mean of its
+    in-image neighbours (direct 1/6, diagonal 1/12), one sparse system per channel, ``spsolve``.
+
+    ``image`` float64 [C, H, W], ``removed`` bool [C, H, W]; a channel removed entirely is left as is.
+    """
+    out = image.copy()
+    channels, height, width = image.shape
+    for c in range(channels):
+        pixels = list(zip(*np.nonzero(removed[c])))
+        if not pixels or len(pixels) == height * width:
+            continue
+        index = {p: k for k, p in enumerate(pixels)}
+        matrix = scipy.sparse.lil_matrix((len(pixels), len(pixels)))
+        rhs = np.zeros(len(pixels))
+        for (y, x), k in index.items():
+            neighbours = [
+                (y + dy, x + dx, 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
+                for dy, dx in OFFSETS
+                if 0 <= y + dy < height and 0 <= x + dx < width
+            ]
+            total = sum(weight for _, _, weight in neighbours)
+            matrix[k, k] = 1.0
+            for yy, xx, weight in neighbours:
+                if removed[c, yy, xx]:
+                    matrix[k, index[(yy, xx)]] -= weight / total
+                else:
+                    rhs[k] += weight / total * image[c, yy, xx]
+        solution = np.atleast_1d(scipy.sparse.linalg.spsolve(matrix.tocsc(), rhs))
+        out[c][removed[c]] = solution
+    return out
+
+
+def images(seed: int = 0, b: int = B) -> torch.Tensor:
+    return torch.rand(b, C, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def random_mask(fraction: float, seed: int = 1, shape=(B, H, W)) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < fraction
+
+
+def border_mask() -> torch.Tensor:
+    """The whole border ring (every edge and corner) plus an interior block touching it."""
+    m = torch.zeros(B, H, W, dtype=torch.bool)
+    m[:, 0], m[:, -1], m[:, :, 0], m[:, :, -1] = True, True, True, True
+    m[0, 1:5, 1:6] = True
+    m[1, 0:3, 0:3] = True
+    m[2] |= random_mask(0.3, seed=5)[2]
+    return m
+
+
+def isolated_mask() -> torch.Tensor:
+    """Single pixels, none with a removed neighbour (corners and edges included)."""
+    m = torch.zeros(B, H, W, dtype=torch.bool)
+    m[:, ::2, ::2] = True
+    m[1] = False
+    m[1, 0, 0] = m[1, H - 1, W - 1] = m[1, 5, 6] = True
+    return m
+
+
+MASKS = {
+    "random 10%": lambda: random_mask(0.1),
+    "random 50%": lambda: random_mask(0.5),
+    "random 90%": lambda: random_mask(0.9),
+    "random 95%": lambda: random_mask(0.95),
+    "borders and corners": border_mask,
+    "isolated pixels": isolated_mask,
+    "per channel": lambda: random_mask(0.6, shape=(B, C, H, W)),
+}
+
+
+def expected(x: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    per_channel = removed if removed.ndim == 4 else removed[:, None].expand(-1, x.shape[1], -1, -1)
+    return torch.from_numpy(np.stack([reference(img.double().numpy(), m.numpy()) for img, m in zip(x, per_channel)]))
+
+
+# --------------------------------------------------------------------------------------------- the solve
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_without_noise_matches_a_direct_sparse_solve(name):
+    x, removed = images(), MASKS[name]()
+    out = road_impute(x, removed, noise=0)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    ref = expected(x, removed)
+    assert torch.allclose(out.double(), ref, atol=1e-4, rtol=0), float((out.double() - ref).abs().max())
+
+
+def test_positions_not_removed_are_unchanged_bit_for_bit():
+    x, removed = images(), random_mask(0.5)
+    out = road_impute(x, removed, noise=0.05, generator=torch.Generator().manual_seed(0))
+    keep = ~removed[:, None].expand_as(x)
+    assert torch.equal(out[keep].view(torch.int32), x[keep].view(torch.int32))
+    assert not torch.equal(out[~keep], x[~keep])
+
+
+def test_noise_is_added_at_removed_positions_only_with_the_requested_std():
+    x = torch.rand(8, C, 32, 32, generator=torch.Generator().manual_seed(3))
+    removed = random_mask(0.5, seed=4, shape=(8, 32, 32))
+    clean = road_impute(x, removed, noise=0)
+    noisy = road_impute(x, removed, noise=0.05, generator=torch.Generator().manual_seed(5))
+    at = removed[:, None].expand_as(x)
+    assert torch.equal(noisy[~at], clean[~at])
+    delta = (noisy[at] - clean[at]).double()
+    n = delta.numel()  # about 12 000 draws: the sample std is within 1 % of σ (1 sd), tolerance 10 %
+    assert n > 10_000
+    assert abs(float(delta.std()) / 0.05 - 1) < 0.1
+    assert abs(float(delta.mean())) < 5 * 0.05 / n**0.5
+
+
+def test_a_plane_removed_entirely_gets_the_fallback():
+    x = images()
+    removed = random_mask(0.5)
+    removed[1] = True  # image 1: every pixel, every channel
+    out = road_impute(x, removed, noise=0, fallback=(0.1, 0.2, 0.3))
+    assert torch.equal(out[1], torch.tensor([0.1, 0.2, 0.3]).view(C, 1, 1).expand(C, H, W))
+    assert torch.allclose(out[[0, 2]].double(), expected(x[[0, 2]], removed[[0, 2]]), atol=1e-4, rtol=0)
+    # Per channel: only channel 2 of image 0 is removed entirely; the default fallback is 0.5.
+    per_channel = random_mask(0.5, shape=(B, C, H, W))
+    per_channel[0, 2] = True
+    out = road_impute(x, per_channel, noise=0)
+    assert torch.equal(out[0, 2], torch.full((H, W), 0.5))
+    ref = expected(x, per_channel)
+    others = torch.ones(B, C, dtype=torch.bool)
+    others[0, 2] = False
+    assert torch.allclose(out[others].double(), ref[others], atol=1e-4, rtol=0)
+
+
+def test_a_constant_image_stays_constant():
+    """Constants are harmonic: the weighted mean of equal neighbours is that value, whatever the mask."""
+    values = torch.tensor([0.0, 0.37, 1.0])
+    x = values.view(1, C, 1, 1).expand(B, C, H, W).contiguous()
+    for removed in (random_mask(0.9), border_mask(), random_mask(0.5, shape=(B, C, H, W))):
+        out = road_impute(x, removed, noise=0)
+        assert torch.allclose(out, x, atol=1e-6, rtol=0)
+
+
+def test_float64_images_are_solved_in_float64():
+    x, removed = images().double(), random_mask(0.7)
+    out = road_impute(x, removed, noise=0)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, expected(x, removed), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- noise, batches
+
+
+def test_reproducible_with_a_seeded_generator():
+    x, removed = images(), random_mask(0.5)
+
+    def run(seed):
+        return road_impute(x, removed, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_batch_results_equal_per_image_results_bit_for_bit(per_channel):
+    """With a generator per image, an image's result is independent of its batch and position."""
+    x = torch.rand(7, C, 16, 16, generator=torch.Generator().manual_seed(8))
+    shape = (7, C, 16, 16) if per_channel else (7, 16, 16)
+    removed = torch.rand(shape, generator=torch.Generator().manual_seed(9)) < torch.linspace(0.05, 0.97, 7).view(
+        7, *[1] * (len(shape) - 1)
+    )
+
+    def generators(rows):
+        return [torch.Generator().manual_seed(100 + int(i)) for i in rows]
+
+    batch = road_impute(x, removed, generator=generators(range(7)))
+    for i in range(7):
+        alone = road_impute(x[i : i + 1], removed[i : i + 1], generator=generators([i]))
+        assert torch.equal(alone, batch[i : i + 1]), i
+    order = torch.tensor([5, 2, 6, 0])
+    shuffled = road_impute(x[order], removed[order], generator=generators(order))
+    assert torch.equal(shuffled, batch[order])
+
+
+def test_errors_are_clear():
+    x = images()
+    with pytest.raises(ValueError, match="bool"):
+        road_impute(x, random_mask(0.5).float())
+    with pytest.raises(ValueError, match=r"\[B, H, W\]"):
+        road_impute(x, random_mask(0.5, shape=(B, H, W + 1)))
+    with pytest.raises(ValueError, match="fallback"):
+        road_impute(x, random_mask(0.5), fallback=(0.5, 1.5, 0.5))
+    with pytest.raises(RoarError, match="did not reach"):
+        road_impute(x, random_mask(0.95), noise=0, max_iter=2)
+
+
+# --------------------------------------------------------------------------------------------- the fill
+
+
+def test_the_road_fill_through_build_fill_and_ablate():
+    mean = (0.2, 0.4, 0.6)
+    x, removed = images(), random_mask(0.5)[:, None]  # [B, 1, H, W], as the ablation masks come
+    removed[2] = True
+    indices = torch.tensor([10, 11, 12])
+    fill = build_fill("road", mean=mean)
+    assert isinstance(fill, RoadFill) and fill.noise == 0.01
+    out = ablate(x, removed, fill, indices=indices)
+
+    # The definition plus each image's own noise, drawn from (seed 0, dataset index).
+    def generators():
+        return [torch.Generator().manual_seed(noise_seed(0, int(i))) for i in indices]
+
+    assert torch.equal(out, road_impute(x, removed[:, 0], 0.01, generators(), mean))
+    draws = torch.randn(C, H, W, generator=generators()[2])
+    assert torch.equal(out[2], torch.tensor(mean).view(C, 1, 1) + 0.01 * draws)  # removed entirely: the mean
+    clean = ablate(x, removed, build_fill("road", mean=mean, noise=0))
+    assert torch.allclose(clean[:2].double(), expected(x[:2], removed[:2, 0]), atol=1e-4, rtol=0)
+    # Another seed, another noise; the same seed and index, the same noise in any batch.
+    assert not torch.equal(ablate(x, removed, build_fill("road", seed=1), indices=indices), out)
+    alone = ablate(x[1:2], removed[1:2], build_fill("road", mean=mean), indices=indices[1:2])
+    assert torch.equal(alone, out[1:2])
+
+
+def test_the_road_fill_config():
+    assert RoarConfig(fill={"name": "road", "noise": 0.02, "seed": 3}).fill["name"] == "road"
+    fill = build_fill("road", mean=(0.5, 0.5, 0.5), noise=0.02, fallback=[0.1, 0.2, 0.3], seed=3)
+    assert (fill.noise, fill.fallback, fill.seed) == (0.02, (0.1, 0.2, 0.3), 3)
+    assert build_fill("road").fallback is None  # no dataset mean: road_impute's 0.5
+    with pytest.raises(RoarError, match="noise"):
+        build_fill("road", noise=-0.1)
+    with pytest.raises(RoarError, match="fallback"):
+        build_fill("road", fallback=[0.5, 2.0, 0.5])
+    with pytest.raises(RoarError, match="unknown key 'nosie'"):
+        build_fill("road", nosie=0.1)
