@@ -91,6 +91,23 @@ def cmd_vog(args) -> str:
     )
 
 
+def cmd_vog_toy(args) -> str:
+    from roar.vog.toy import run_toy
+
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    s = run_toy(split=args.split, stage=args.stage, vog_cal=args.vog_cal, seed=args.seed, out=args.out, **epochs)
+    rho = (
+        "undefined (no decision boundary in the plotted area)"
+        if s["spearman_rho"] is None
+        else f"{s['spearman_rho']:.3f}"
+    )
+    return (
+        f"VoG toy ({s['split']} split, {s['stage']} stage, {s['vog_cal']}): Spearman rho = {rho} between VoG and "
+        f"distance to the boundary over {s['points']} points (accuracy train {100 * s['train_accuracy']:.1f}%, "
+        f"test {100 * s['test_accuracy']:.1f}%) in {s['seconds']:.1f} s; figures, scores and summary -> {s['output']}"
+    )
+
+
 def cmd_inspect(args) -> str:
     from roar.attribution.store import describe
 
@@ -151,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vog", help="VoG example difficulty and peer scores over the training snapshots (task vog)")
     _config_args(p)
     p.set_defaults(func=cmd_vog)
+
+    p = sub.add_parser("vog-toy", help="VoG on 2-D blobs against the distance to the decision boundary (task vog-toy)")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="the points scored (default: train)")
+    p.add_argument(
+        "--stage",
+        choices=["early", "middle", "late", "complete"],
+        default="complete",
+        help="the snapshots used: a third of the epochs, or all (default: complete)",
+    )
+    p.add_argument(
+        "--vog-cal",
+        choices=["raw", "normalize", "abs_normalize"],
+        default="raw",
+        help="raw VoG, class-normalised, or its absolute value (default: raw)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the blobs, the split and the weights (default: 0)")
+    p.add_argument("--epochs", type=int, help="full-batch SGD epochs, one snapshot after each (default: 100)")
+    p.add_argument("--out", default="runs/vog_toy", help="output folder (default: runs/vog_toy)")
+    p.set_defaults(func=cmd_vog_toy)
 
     p = sub.add_parser("inspect", help="what an attribution store holds: methods, sizes, provenance, completeness")
     p.add_argument("files", nargs="+", metavar="FILE.h5")

@@ -260,7 +260,9 @@ class VogConfig(Section):
     )
     batch_size: int = Field(256, ge=1, description="images per gradient batch")
     max_batch: int | None = Field(None, ge=1, description="inputs per backward pass; default 64 CPU, 1024 GPU")
-    compression: Literal["lzf", "gzip", "none"] = "lzf"
+    compression: Literal["lzf", "gzip", "none"] = Field(
+        "none", description="of the gradient store; gradients are noise-like and barely compress (lzf saves <1%)"
+    )
     grid_k: int = Field(8, ge=1, description="lowest- and highest-VoG images shown per class")
     grid_classes: int = Field(20, ge=0, description="classes (the first ones) that get an image grid")
     peers: bool = Field(True, description="also EL2N, forgetting events and data-map confidence/variability")
