@@ -297,11 +297,9 @@ class _Grid:
             )
         above, below, x, left, right, v, out = views
         torch.add(above, below, out=v)
-        v.add_(x)
-        v.add_(x)
+        v.add_(x, alpha=2)
         torch.add(left, right, out=out)
-        out.add_(v)
-        out.add_(v)
+        out.add_(v, alpha=2)
         return out.view(g, self.p)
 
 
@@ -314,13 +312,11 @@ class _Workspace:
 
     def __init__(self, h: int, w: int, g: int, device: torch.device):
         self.h, self.w, self.g, self.device = h, w, g, device
-        self.g64 = _Grid(h, w, g, torch.float64, device)
         self.g32 = _Grid(h, w, g, torch.float32, device)
         p = self.p = self.g32.p
         self.m, self.dinv, self.r, self.z, self.q, self.e, self.tmp = (
             torch.zeros(g, p, dtype=torch.float32, device=device) for _ in range(7)
         )
-        self.tmp64 = torch.zeros(g, p, dtype=torch.float64, device=device)
         self.flag = torch.zeros(g, p, dtype=torch.bool, device=device)
         self.stage = torch.zeros(g, h, w, dtype=torch.float32, device=device)
         self.scratch = torch.zeros(g, p // 2 + 1, dtype=torch.float32, device=device)
@@ -335,7 +331,6 @@ class _Workspace:
         d = one.sep(1).sub_(self.inside * _CENTRE).clamp_(min=1)  # 1 on the padding
         self.d = d.clone()
         self.dplus32 = d + _CENTRE
-        self.dplus64 = self.dplus32.double()
 
     def _sum_tmp(self, g: int) -> torch.Tensor:
         """Per-plane sums [g, 1] of ``tmp[:g]``."""
@@ -351,104 +346,62 @@ class _Workspace:
         tmp.mul_(self.dinv[:g])
         return self._sum_tmp(g)
 
-    def _residual(self, g: int) -> torch.Tensor:
-        """r = b − A x in float64 for the image field x (``g64.x``: known values and current solution),
-        which is sep(x) − (D + 4)·x at removed positions; stored in ``r`` (float32, zero elsewhere) for
-        the next CG round. Returns Σ r²/D per plane."""
-        r64 = self.tmp64[:g]
-        sep = self.g64.sep(g)
-        torch.mul(self.g64.x(g), self.dplus64, out=r64)
-        torch.sub(sep, r64, out=r64)
-        r = self.r[:g]
-        r.copy_(r64)
-        r.mul_(self.m[:g])
-        return self._weighted_norm(r, g)
-
     def solve(self, values: torch.Tensor, removed: torch.Tensor, out: torch.Tensor, rtol: float, max_iter: int):
-        """Solve g planes: ``values`` [g, H, W], ``removed`` bool [g, H, W]; float64 result into ``out``
-        (the known values at known positions, the solution at removed ones)."""
-        g, g32, g64 = len(values), self.g32, self.g64
-        m, dinv, r, z, q = self.m[:g], self.dinv[:g], self.r[:g], self.z[:g], self.q[:g]
-        x32 = g32.x(g)
-        g32.interior(m).copy_(removed)
+        """Solve g planes: ``values`` [g, H, W], ``removed`` bool [g, H, W]; the result (the known values at
+        known positions, the solution at removed ones) into ``out`` [g, H, W]."""
+        g, grid = len(values), self.g32
+        m, dinv, r, z, q, x, tmp = (t[:g] for t in (self.m, self.dinv, self.r, self.z, self.q, self.e, self.tmp))
+        d = grid.x(g)  # the stencil's input: first the known values, then the search direction
+        grid.interior(m).copy_(removed)
         torch.div(m, self.d, out=dinv)
         # Known-neighbour weight of every removed pixel, and the known count of every plane.
-        torch.sub(self.inside, m, out=x32)
-        count = _halving_sum(x32, self.scratch[:g])
+        torch.sub(self.inside, m, out=d)
+        count = _halving_sum(d, self.scratch[:g])
         self.nothing_known = count[:, 0] == 0
         dk = z
-        torch.mul(g32.sep(g), m, out=dk)
+        torch.mul(grid.sep(g), m, out=dk)
         # Known values (0 at removed positions); b = the ×12 known-neighbour sums at removed positions.
         stage = self.stage[:g]
         torch.where(removed, self.zero, values.to(torch.float32), out=stage)
-        g32.interior(x32).copy_(stage)
-        mean = _halving_sum(x32, self.scratch[:g]).div_(count.clamp_(min=1))
+        grid.interior(d).copy_(stage)
+        mean = _halving_sum(d, self.scratch[:g]).div_(count.clamp_(min=1))
         b = q
-        torch.mul(g32.sep(g), m, out=b)
+        torch.mul(grid.sep(g), m, out=b)
         bb = self._weighted_norm(b, g)
         # Start: the known-neighbour mean, or the plane's known mean where a pixel has no known neighbour.
         has_known = torch.gt(dk, 0, out=self.flag[:g])
         torch.div(b, dk.clamp_(min=1), out=b)
         torch.where(has_known, b, mean, out=b)
         b.mul_(m)
-        x32.add_(b)  # known values + start: the whole image, as the float64 field below
-        x64 = g64.x(g)
-        x64.copy_(x32)
-        if values.dtype == torch.float64:  # keep the known values' full precision in the float64 field
-            inner = g64.interior(x64)
-            torch.where(removed, inner, values, out=inner)
-        rz = self._residual(g)
+        d.add_(b)  # known values + start: the whole image
+        x.copy_(d)
+        # r = b − A x = sep(x) − (D + 4)·x at removed positions.
+        torch.mul(d, self.dplus32, out=r)
+        torch.sub(grid.sep(g), r, out=r)
+        r.mul_(m)
+        # Jacobi-preconditioned CG from there; a plane stops (is frozen) once its residual is small enough.
+        torch.mul(r, dinv, out=z)
+        d.copy_(z)
+        torch.mul(r, z, out=tmp)
+        rz = self._sum_tmp(g)
         target = torch.maximum(bb, rz).mul_(rtol * rtol)
-        round_target = torch.maximum(rz * _ROUND_REDUCTION**2, target * 0.25)
         active = rz > target
-        used = 0
+        zero = self.zero
+        it = 0
         while bool(active.any()):
-            if used >= max_iter:
+            if it >= max_iter:
                 raise RoarError(
                     f"ROAD imputation did not reach relative residual {rtol:.0e} in {max_iter} CG iterations; "
                     "raise max_iter or rtol"
                 )
-            r.mul_(active)  # converged planes get a zero right-hand side: they do not change
-            e, iterations = self._cg32(g, round_target, max_iter - used, (max_iter, rtol))
-            used += iterations
-            e64 = self.tmp64[:g]
-            e64.copy_(e)
-            x64.add_(e64)
-            rz = self._residual(g)
-            active = active & (rz > target)
-            round_target = torch.maximum(rz * _ROUND_REDUCTION**2, target * 0.25)
-        out.copy_(g64.interior(x64))
-
-    def _cg32(self, g: int, target: torch.Tensor, budget: int, limits: tuple[int, float]) -> tuple[torch.Tensor, int]:
-        """Float32 Jacobi-preconditioned CG on A e = r (r: self.r, zero off the removed positions),
-        from e = 0, until Σ r²/D ≤ target per plane (a plane that gets there is frozen); returns
-        (e, iterations). Running out of the ``budget`` is an error, never a shorter solve, so that a
-        plane's result does not depend on the other planes of its chunk."""
-        r, z, q, e, tmp = (t[:g] for t in (self.r, self.z, self.q, self.e, self.tmp))
-        dinv = self.dinv[:g]
-        direction = self.g32.x(g)  # the search direction is the stencil's input
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        e.zero_()
-        torch.mul(r, dinv, out=z)
-        direction.copy_(z)
-        torch.mul(r, z, out=tmp)
-        rz = self._sum_tmp(g)
-        active = rz > target
-        it = 0
-        while bool(active.any()):
-            if it >= budget:
-                raise RoarError(
-                    f"ROAD imputation did not reach relative residual {limits[1]:.0e} in {limits[0]} CG iterations; "
-                    "raise max_iter or rtol"
-                )
             # q = A d = (D + 4)·d − sep(d); d is zero off the removed positions.
-            s = self.g32.sep(g)
-            torch.mul(direction, self.dplus32, out=q)
+            s = grid.sep(g)
+            torch.mul(d, self.dplus32, out=q)
             q.sub_(s)
-            torch.mul(direction, q, out=tmp)
+            torch.mul(d, q, out=tmp)
             alpha = torch.where(active, rz / self._sum_tmp(g), zero)
-            torch.mul(direction, alpha, out=tmp)
-            e.add_(tmp)
+            torch.mul(d, alpha, out=tmp)
+            x.add_(tmp)
             torch.mul(q, alpha, out=tmp)
             r.sub_(tmp)
             torch.mul(r, dinv, out=z)
@@ -456,8 +409,9 @@ class _Workspace:
             rz_new = self._sum_tmp(g)
             active = active & (rz_new > target)
             beta = torch.where(active, rz_new / rz, zero)
-            direction.mul_(beta)
-            direction.add_(z)
+            d.mul_(beta)
+            d.add_(z)
             rz = rz_new
             it += 1
-        return e, max(it, 1)
+        self.iterations = it
+        out.copy_(grid.interior(x))
