@@ -216,3 +216,26 @@ def test_patch_degradation_with_patch_mean_fill_runs_through_the_stage(trained_r
     rows = read_rows(cfg.run_dir / "lerf" / "results.csv")
     assert [float(r["fraction"]) for r in rows] == [p / 16 for p in range(17)]
     assert {r["fill"] for r in rows} == {"patch_mean"} and {r["granularity"] for r in rows} == {"patch"}
+
+
+def test_road_fill_runs_through_the_stage_and_falls_back_to_the_dataset_mean(trained_run, tmp_path):
+    """ROAD imputes from the kept pixels; with every pixel removed nothing is left to impute from,
+    so (noise off) it fills the dataset mean, exactly as the mean fill does."""
+    common = [
+        "attribution.methods=[gradient]",
+        "attribution.splits=[test]",
+        "lerf.steps=[0, 0.5, 1.0]",
+        "lerf.orders=[morf]",
+        "lerf.max_images=32",
+    ]
+    curves = {}
+    for name, fill in [("road", "{name: road, noise: 0}"), ("mean", "{name: mean}")]:
+        cfg, _ = run_copy(trained_run, tmp_path, name, [*common, f"lerf.fill={fill}"])
+        extract(cfg)
+        run(cfg)
+        rows = [r for r in read_rows(cfg.run_dir / "lerf" / "results.csv") if r["method"] == "gradient"]
+        assert {r["fill"] for r in rows} == {fill.split(",")[0].split()[-1].strip("}")}
+        curves[name] = {float(r["fraction"]): (float(r["accuracy"]), float(r["probability"])) for r in rows}
+    assert curves["road"][0.0] == curves["mean"][0.0], "step 0 is the clean image for every fill"
+    assert curves["road"][1.0] == pytest.approx(curves["mean"][1.0], abs=1e-6)
+    assert curves["road"][0.5][1] != pytest.approx(curves["mean"][0.5][1], abs=1e-6), "half removed: imputed, not mean"

@@ -280,10 +280,8 @@ def test_stage_and_el2n_settings_are_checked_against_the_snapshots():
 
 @pytest.fixture(scope="module")
 def vog_run(trained_run, tmp_path_factory):
-    """``roar vog`` once on a copy of the tiny trained run (6 epoch snapshots), with GraNd."""
-    cfg, sets = run_copy(
-        trained_run, tmp_path_factory.mktemp("vog"), "run", ["vog.grid_classes=2", "vog.grid_k=3", "vog.grand=true"]
-    )
+    """``roar vog`` once on a copy of the tiny trained run (6 epoch snapshots); GraNd has its own test."""
+    cfg, sets = run_copy(trained_run, tmp_path_factory.mktemp("vog"), "run", ["vog.grid_classes=2", "vog.grid_k=3"])
     summary = run(cfg)
     return cfg, sets, summary
 
@@ -300,7 +298,7 @@ def test_vog_stage_writes_scores_tables_and_figures(vog_run):
     rows = _rows(out / "scores.csv")
     assert list(rows[0]) == [
         *("index", "split", "label", "prediction", "correct", "stage", "vog", "vog_normalize", "vog_abs_normalize"),
-        *("el2n", "forgetting", "confidence", "variability", "grand", "tag"),
+        *("el2n", "forgetting", "confidence", "variability", "tag"),
     ]
     stages = ["early", "middle", "late", "complete"]
     assert len(rows) == len(stages) * (n["train"] + n["test"])
@@ -325,8 +323,27 @@ def test_vog_stage_writes_scores_tables_and_figures(vog_run):
         assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
     # the AUROC table covers every VoG variant and stage and each peer, per split
     auroc = _rows(out / "auroc.csv")
-    assert len(auroc) == 2 * (3 * len(stages) + 6)
+    assert len(auroc) == 2 * (3 * len(stages) + 5)  # el2n, forgetting, low_confidence, variability, final_error
     assert all(0 <= float(r["auroc"]) <= 1 for r in auroc)
+
+
+def test_grand_goes_through_the_stage_at_the_el2n_snapshot(trained_run, tmp_path):
+    """GraNd (per-example weight-gradient norms, costly) on the test split only: a column of
+    positive scores equal to ``grand_norms`` of the EL2N snapshot's model."""
+    cfg, _ = run_copy(trained_run, tmp_path, "grand", ["vog.splits=[test]", "vog.grand=true", "vog.grid_classes=0"])
+    summary = run(cfg)
+    rows = [r for r in _rows(cfg.run_dir / "vog" / "scores.csv") if r["stage"] == "complete"]
+    rows.sort(key=lambda r: int(r["index"]))
+    grand = np.array([float(r["grand"]) for r in rows])
+    dataset = build_dataset(cfg.dataset)
+    model, _, model_path = load_run_model(cfg, dataset, torch.device("cpu"))
+    snapshot = next(
+        s for s in find_snapshots(cfg.run_dir / "train" / "snapshots") if s.name == summary["el2n_snapshot"]
+    )
+    some = [0, 7, 200]
+    images, labels = dataset.test.images[some].float() / 255, dataset.test.labels[some]
+    expected = grand_norms(load_snapshot(model, snapshot, model_path)[0].eval(), images, labels)
+    assert (grand > 0).all() and np.allclose(grand[some], expected, rtol=1e-3)
 
 
 def test_stored_gradient_equals_autograd_of_the_true_class_logit(vog_run):

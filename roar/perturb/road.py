@@ -6,36 +6,51 @@ Removed neighbours are unknowns too, so the removed pixels of an image form one 
 one right-hand side per channel; then N(0, noise²) noise is added to the imputed values only.
 
 The solver. Multiplying row i by its normaliser (×12, so the weights become the integers 2 and 1)
-gives the symmetric positive definite system ``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k``:
-a weighted graph Laplacian over the removed pixels with Dirichlet values from the known ones (D_i is
-the sum of the in-image weights: 12 inside, 8 on an edge, 5 in a corner). Every channel of every
-image is a *plane* with its own system, solved by Jacobi-preconditioned conjugate gradients (CG) on
-the padded pixel grid, all planes of a chunk at once. The matrix-vector product is the separable
-stencil [1 2 1]ᵀ[1 2 1] (which holds the 2/1 weights plus 4× the centre) written as shifted slices of
-one flat buffer. CG runs in float32 (half the memory traffic of float64, which is what bounds it on a
-CPU); its answer is checked and corrected in float64 (iterative refinement: the float64 residual
-is the right-hand side of another float32 CG round), so the result matches a float64 direct solve
-although float32 alone stalls on large holes. A plane stops once its float64 relative residual
-``‖r‖_{D⁻¹} ≤ rtol · max(‖b‖_{D⁻¹}, ‖r₀‖_{D⁻¹})`` holds (b: the known-neighbour sums, r₀: the residual
-of the start, which is each pixel's known-neighbour mean, or the plane's known mean where it has
-no known neighbour).
+gives the symmetric positive definite system ``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k``,
+``A x = b``: a weighted graph Laplacian over the removed pixels with Dirichlet values from the known
+ones (D_i is the sum of the in-image weights: 12 inside, 8 on an edge, 5 in a corner; N = D − A holds
+the removed-neighbour weights). Every channel of every image is a *plane* with its own system, solved
+by preconditioned conjugate gradients (CG) in float32 on a padded pixel grid, all planes of a chunk at
+once. The matrix-vector product is the separable stencil [1 2 1]ᵀ[1 2 1] (the 2/1 weights plus 4× the
+centre), 4 passes over shifted slices of one flat buffer. The preconditioner is Jacobi plus the next
+term of its Neumann series, ``M⁻¹ = D⁻¹ + D⁻¹ N D⁻¹`` (one more stencil): symmetric positive definite
+because D + N is diagonally dominant, it turns the spectrum 1 − s of Jacobi (s ∈ [−1, 1) an eigenvalue
+of D⁻¹N) into 1 − s², which cut the iterations 1.7× for ~1.4× the work per iteration. The start is each
+pixel's known-neighbour mean (exact for an isolated pixel), or the plane's known mean where a pixel has
+no known neighbour.
+
+The tolerance. A plane stops once ``‖r‖_{M⁻¹} ≤ rtol · max(‖b‖_{D⁻¹}, ‖r₀‖_{M⁻¹})`` (r₀: the residual of
+the start), with rtol = 3e-7 up to 1024 pixels and rtol·(1024/pixels)^¾ above (at a fixed relative
+residual the largest error grows with the plane). A relative residual bounds the error only loosely,
+so rtol was set by measurement against a float64 direct solve: at most 2.5e-6 (max abs) over 4800
+random 32×32 planes (10–99 % removed) and 480 random 96×96 ones, and at most 2.0e-6 on the hardest
+masks tried at 32×32 and 224×224 (random 90 % and 99 %, all but the border, all but one row, a centred
+hole of 3/4 the side); rtol = 1e-6 had reached 1.2e-5. tests/test_road.py keeps such masks < 1e-5.
+Float32 alone gets there (no float64 correction) because CG starts close to the solution and float32
+rounding (~6e-8 relative) stays well below the tolerance; its limit shows only as ~1e-6 errors on the
+largest holes.
 
 Batch invariance. An image's result does not depend on which other images share its batch or at
 which position: the solver uses only element-wise operations (each exactly rounded, so a value never
-depends on how a kernel vectorises or splits the tensor), per-plane sums by a fixed pairwise tree,
-and per-plane step sizes and stopping, a converged plane being frozen exactly. That is what lets
-the ROAR retraining paths (in memory, streaming) produce bit-identical ROAD-filled images.
+depends on how a kernel vectorises or splits the tensor; no fused multiply-add unless the product is
+exact), per-plane float sums by a fixed pairwise tree, integer or comparison reductions (exact in any
+order), and per-plane step sizes and stopping, a converged plane being frozen exactly. A chunk drops
+its finished planes once at most half of them are still iterating (the others move up a row, which
+changes nothing in their arithmetic). That is what lets the ROAR retraining paths (in memory,
+streaming) produce bit-identical ROAD-filled images. The known values are put back by integer
+operations on the floats' bits (exact for −0.0; whatever the input holds at removed positions is
+never used), not ``torch.where``, which on this CPU is about 25× slower than a multiplication.
 
 Singular case. A group of removed pixels that touches no known pixel (8-connected) exists only when
 the whole plane is removed; it has no Dirichlet value and no unique solution, so such a plane is set
 to ``fallback`` (per channel, default 0.5; the ``road`` fill uses the dataset mean) before noise.
 
-Cost. Each CG iteration is ~19 passes over the padded grid of every plane, so the work grows with the
-image size and with the number of iterations, which grows with the size of the holes (Jacobi-CG:
-~9 iterations for random 10 % masks, ~50 for random 90 % masks, ~300 for one 168×168 hole in a
-224×224 image); a coarse-to-fine start was measured to save only 10–20 % of them and is not used.
-``docs/benchmarks.md`` (section "ROAD imputation") compares the speed with a per-image scipy solve.
-On the CPU the solve runs on one intra-op thread (see ``_one_cpu_thread``).
+Cost. Setup is ~55 passes over the padded grid of a plane ((H+1)(W+1) values), each CG iteration ~22
+passes plus two per-plane sums, and the noise a draw per pixel (~25 passes' worth); the solver is
+bound by memory traffic. Iterations at 32×32: ~4 for random 10 % masks, ~9 at 50 %, ~23 at 90 %; at
+224×224 ~5, ~12, ~32, and ~190 for one 168×168 hole. ``docs/benchmarks.md`` (section "ROAD
+imputation") compares the speed with a per-image scipy solve. On the CPU the solve runs on one
+intra-op thread (see ``_one_cpu_thread``).
 """
 
 from __future__ import annotations
@@ -53,22 +68,28 @@ NOISE = 0.01
 """ROAD's default noise standard deviation, in [0, 1] image units."""
 
 RTOL = 3e-7
-"""Relative residual at which a plane counts as solved: a direct solve agrees to ~1e-5 or better."""
+"""Relative residual at which a plane counts as solved; see the module docstring for the error it gives."""
 
 MAX_ITER = 20_000
-"""Float32 CG iterations for a chunk of planes (summed over refinement rounds) before the solve fails."""
+"""CG iterations for a chunk of planes before the solve fails."""
 
 CHUNK_VALUES = 1 << 18
 """Grid values per chunk of planes: large enough to amortise the overhead of each operation, small enough
-to stay in cache (the solver is bound by memory traffic); the fastest of 2^15–2^19 on a 2-core EPYC."""
+to stay in cache (the solver is bound by memory traffic); the fastest of 2^16–2^20 on a 2-core EPYC."""
 
-_ROUND_REDUCTION = 1e-6
-"""A float32 round stops once it reduced its own residual by this factor or reached half the target:
-float32 CG reliably gets that far; the float64 residual then says whether another round is needed."""
+_COMPACT = 0.5
+"""Once at most this share of a chunk's planes is still iterating, the finished ones are dropped."""
 
 # The ×12 weights: direct neighbours 2, diagonal ones 1. The stencil below computes
 # [1 2 1]ᵀ[1 2 1] ∗ x = Σ_neighbours a_ij x_j + 4 x_i.
 _CENTRE = 4.0
+
+_RTOL_PIXELS = 1024
+"""Planes of more pixels than this get a tighter tolerance, rtol · (this / pixels)^¾ (see the module docstring)."""
+
+_MEAN_WEIGHT = 2.0**-30
+
+_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -93,15 +114,12 @@ def road_impute(
     of one per image, which makes each image's result independent of its batch. ``fallback`` fills
     planes removed entirely (see the module docstring): a float or one value per channel in [0, 1].
     """
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be float [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
     if noise < 0 or not math.isfinite(noise):
         raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise}")
+    mask, values = _arguments(images, removed, fallback, rtol)
     with _one_cpu_thread(images.device):
-        out = linear_impute(images, removed, fallback, rtol=rtol, max_iter=max_iter)
-        if noise > 0:
-            noisy = _gaussian(images, generator).mul_(noise).add_(out)
-            torch.where(_plane_masks(images, removed), noisy, out, out=out)
+        out = _gaussian(images, generator) if noise > 0 else _empty(images)
+        _impute(images, mask, values, out, noise, rtol, max_iter)
     return out
 
 
@@ -114,31 +132,55 @@ def linear_impute(
     max_iter: int = MAX_ITER,
 ) -> torch.Tensor:
     """The noise-free part of ``road_impute``: the removed pixels solved, every other value unchanged."""
+    mask, values = _arguments(images, removed, fallback, rtol)
+    with _one_cpu_thread(images.device):
+        out = _empty(images)
+        _impute(images, mask, values, out, 0.0, rtol, max_iter)
+    return out
+
+
+def _impute(
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    fallback: tuple[float, ...],
+    out: torch.Tensor,
+    noise: float,
+    rtol: float,
+    max_iter: int,
+) -> None:
+    """Solve every plane into ``out`` (contiguous, the images' shape; it holds standard normal draws
+    if ``noise`` > 0), chunk by chunk, a chunk being whole images."""
+    b, c, h, w = images.shape
+    if b * c == 0:
+        return
+    chunks = max(1, round(b * c * (h + 1) * (w + 1) / CHUNK_VALUES))
+    per_chunk = -(-b // chunks)  # images, as evenly as the chunk count allows
+    ws = _workspace(h, w, min(per_chunk, b) * c, images.device)
+    fill = torch.tensor(fallback, dtype=torch.float32, device=images.device).expand(c).contiguous()
+    planes, outs = images.reshape(b * c, h, w), out.view(b * c, h, w)
+    for i in range(0, b, per_chunk):
+        j = min(i + per_chunk, b)
+        ws.solve(planes[i * c : j * c], mask[i:j], outs[i * c : j * c], fill, noise, rtol, max_iter)
+
+
+def _arguments(images: torch.Tensor, removed: torch.Tensor, fallback, rtol: float) -> tuple[torch.Tensor, tuple]:
+    """The removal mask as uint8 0/1 [B, 1 or C, H, W] on the images' device, and the fallback values."""
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"images must be float [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+    if removed.dtype != torch.bool:
+        raise ValueError(f"the removal mask must be bool, got {removed.dtype}")
     b, c, h, w = images.shape
-    mask = _plane_masks(images, removed)
-    values = _fallback(fallback, c)
-    with _one_cpu_thread(images.device):
-        planes_v = images.reshape(b * c, h, w)
-        planes_m = mask.reshape(b * c, h, w)
-        solved = torch.empty((b * c, h, w), dtype=images.dtype, device=images.device)
-        nothing_known = torch.zeros(b * c, dtype=torch.bool, device=images.device)
-        if b * c:
-            g_max = max(1, CHUNK_VALUES // ((h + 2) * (w + 2)))
-            ws = _workspace(h, w, min(g_max, b * c), images.device)
-            for start in range(0, b * c, g_max):
-                stop = min(start + g_max, b * c)
-                ws.solve(planes_v[start:stop], planes_m[start:stop], solved[start:stop], rtol, max_iter)
-                nothing_known[start:stop] = ws.nothing_known[: stop - start]
-        solved = solved.view(b, c, h, w)
-        # Planes with no known pixel: the fallback (their solve above was trivially empty).
-        if bool(nothing_known.any()):
-            fill = torch.tensor(values, dtype=images.dtype, device=images.device).expand(c).view(1, c, 1, 1)
-            torch.where(nothing_known.view(b, c, 1, 1), fill, solved, out=solved)
-        return torch.where(mask, solved, images, out=solved)
+    removed = removed.to(images.device)
+    if removed.ndim == 3:
+        removed = removed[:, None]
+    if removed.ndim != 4 or removed.shape[0] != b or removed.shape[2:] != (h, w) or removed.shape[1] not in (1, c):
+        raise ValueError(
+            f"removed must be [B, H, W] or [B, C, H, W] matching images {tuple(images.shape)}, "
+            f"got {tuple(removed.shape)}"
+        )
+    return removed.view(torch.uint8), _fallback(fallback, c)
 
 
 @contextlib.contextmanager
@@ -176,28 +218,16 @@ def _workspace(h: int, w: int, g: int, device: torch.device) -> _Workspace:
 # --------------------------------------------------------------------------------------------- arguments
 
 
-def _plane_masks(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """``removed`` as bool [B, C, H, W] on the images' device (a pixel mask expanded over channels)."""
-    if removed.dtype != torch.bool:
-        raise ValueError(f"the removal mask must be bool, got {removed.dtype}")
-    b, c, h, w = images.shape
-    removed = removed.to(images.device)
-    if removed.ndim == 3:
-        removed = removed[:, None]
-    if removed.ndim != 4 or removed.shape[0] != b or removed.shape[2:] != (h, w) or removed.shape[1] not in (1, c):
-        raise ValueError(
-            f"removed must be [B, H, W] or [B, C, H, W] matching images {tuple(images.shape)}, "
-            f"got {tuple(removed.shape)}"
-        )
-    return removed.expand(b, c, h, w)
-
-
 def _fallback(fallback: float | Sequence[float] | None, channels: int) -> tuple[float, ...]:
     values = (0.5,) if fallback is None else (fallback,) if isinstance(fallback, (int, float)) else tuple(fallback)
     values = tuple(float(v) for v in values)
     if len(values) not in (1, channels) or any(not 0.0 <= v <= 1.0 for v in values):
         raise ValueError(f"fallback must be one value or one per channel ({channels}) in [0, 1], got {values}")
     return values
+
+
+def _empty(images: torch.Tensor) -> torch.Tensor:
+    return torch.empty(images.shape, dtype=images.dtype, device=images.device)
 
 
 def _gaussian(images: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -211,7 +241,7 @@ def _gaussian(images: torch.Tensor, generator: Generators) -> torch.Tensor:
     return (
         torch.stack([torch.randn(shape, generator=g, dtype=images.dtype, device=images.device) for g in generators])
         if generators
-        else torch.empty_like(images)
+        else _empty(images)
     )
 
 
@@ -256,18 +286,21 @@ def _halving_sum(a: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
 
 
 class _Grid:
-    """Flat buffers for g planes padded to (H+2)×(W+2), with margins so that every shifted slice
-    of the stencil stays inside the buffer; margins and padding stay zero."""
+    """Flat buffers for g planes on a padded grid: each plane is H+1 rows of W+1 values, a zero row
+    first and a zero column last in every row, so that each pixel's 8 neighbours are at fixed offsets
+    and the outside of the image reads as zeros (the next plane's zero row closes the plane below).
+    Margins before and after keep every shifted slice of the stencil inside the buffer; margins and
+    padding stay zero in the stencil's input."""
 
-    def __init__(self, h: int, w: int, g: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, h: int, w: int, g: int, device: torch.device):
         self.h, self.w, self.g = h, w, g
-        self.w2 = w + 2
-        self.p = (h + 2) * (w + 2)
-        self.margin = self.w2 + 1
+        self.w1 = w + 1
+        self.p = (h + 1) * (w + 1)
+        self.margin = 2 * self.w1
         n = g * self.p
-        self._x = torch.zeros(n + 2 * self.margin, dtype=dtype, device=device)  # stencil input, with margins
-        self._v = torch.zeros(n + 2, dtype=dtype, device=device)  # vertical pass, one-element margins
-        self._out = torch.zeros(n, dtype=dtype, device=device)
+        self._x = torch.zeros(n + 2 * self.margin, dtype=torch.float32, device=device)  # stencil input
+        self._v = torch.zeros(n + 2, dtype=torch.float32, device=device)  # vertical pass, one-element margins
+        self._out = torch.zeros(n, dtype=torch.float32, device=device)
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def x(self, g: int) -> torch.Tensor:
@@ -275,20 +308,19 @@ class _Grid:
         return self._x[self.margin : self.margin + g * self.p].view(g, self.p)
 
     def interior(self, field: torch.Tensor) -> torch.Tensor:
-        """The unpadded [g, H, W] view of a [g, P] field."""
-        return field.view(-1, self.h + 2, self.w + 2)[:, 1:-1, 1:-1]
+        """The image positions, [g, H, W], of a [g, P] field."""
+        return field.view(-1, self.h + 1, self.w1)[:, 1:, : self.w]
 
     def sep(self, g: int) -> torch.Tensor:
-        """[1 2 1]ᵀ[1 2 1] ∗ x over the first g planes, [g, P]; valid at interior positions, finite elsewhere.
+        """[1 2 1]ᵀ[1 2 1] ∗ x over the first g planes, [g, P]; valid at image positions, finite elsewhere.
 
-        Each pass is (a + c) + b + b: a fixed order of exactly rounded additions.
-        """
+        Each pass is (a + c) + 2b: a fixed order of exactly rounded operations (×2 is exact)."""
         views = self._views.get(g)
         if views is None:
-            n, m, w2 = g * self.p, self.margin, self.w2
+            n, m, w1 = g * self.p, self.margin, self.w1
             views = self._views[g] = (
-                self._x[m - w2 : m - w2 + n],
-                self._x[m + w2 : m + w2 + n],
+                self._x[m - w1 : m - w1 + n],
+                self._x[m + w1 : m + w1 + n],
                 self._x[m : m + n],
                 self._v[0:n],
                 self._v[2 : 2 + n],
@@ -307,30 +339,30 @@ class _Workspace:
     """Buffers for chunks of up to g planes of one image size, reused from chunk to chunk (and from call
     to call: fresh memory costs a page fault per 4 KiB, which on a CPU is a sizeable part of a solve).
 
-    Float32 fields: ``m`` 1 at removed positions, ``dinv`` 1/D there (0 elsewhere); the CG vectors.
-    """
+    Float32 [g, P] fields: ``m`` 1 at removed positions, ``dinv`` 1/D there (0 elsewhere), the CG
+    vectors; ``keep`` [g, H, W] int32, all bits set at known positions."""
 
     def __init__(self, h: int, w: int, g: int, device: torch.device):
         self.h, self.w, self.g, self.device = h, w, g, device
-        self.g32 = _Grid(h, w, g, torch.float32, device)
-        p = self.p = self.g32.p
-        self.m, self.dinv, self.r, self.z, self.q, self.e, self.tmp = (
+        self.grid = _Grid(h, w, g, device)  # holds the search direction
+        self.pre = _Grid(h, w, g, device)  # holds D⁻¹ r, for the preconditioner
+        p = self.p = self.grid.p
+        self.m, self.dinv, self.r, self.z, self.q, self.x, self.tmp = (
             torch.zeros(g, p, dtype=torch.float32, device=device) for _ in range(7)
         )
-        self.flag = torch.zeros(g, p, dtype=torch.bool, device=device)
-        self.stage = torch.zeros(g, h, w, dtype=torch.float32, device=device)
+        self.res = torch.zeros(g, h, w, dtype=torch.float32, device=device)
+        self.keep, self.delta = (torch.zeros(g, h, w, dtype=torch.int32, device=device) for _ in range(2))
         self.scratch = torch.zeros(g, p // 2 + 1, dtype=torch.float32, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
         self._plans: dict[int, list] = {}
         # D (the sum of in-image ×12 weights: 12, 8 on an edge, 5 in a corner) and D + 4, per position.
-        inside = torch.zeros(h + 2, w + 2, dtype=torch.float32, device=device)
-        inside[1:-1, 1:-1] = 1
-        self.inside = inside.view(1, p)
-        one = _Grid(h, w, 1, torch.float32, device)
-        one.x(1).copy_(self.inside)
-        d = one.sep(1).sub_(self.inside * _CENTRE).clamp_(min=1)  # 1 on the padding
+        one = _Grid(h, w, 1, device)
+        inside = one.x(1)
+        one.interior(inside).fill_(1)
+        self.inside = inside.clone()
+        d = one.sep(1).sub_(self.inside * _CENTRE).clamp_(min=1)  # 1 off the image
         self.d = d.clone()
-        self.dplus32 = d + _CENTRE
+        self.dplus = d + _CENTRE
 
     def _sum_tmp(self, g: int) -> torch.Tensor:
         """Per-plane sums [g, 1] of ``tmp[:g]``."""
@@ -339,79 +371,132 @@ class _Workspace:
             plan = self._plans[g] = _halving_plan(self.tmp[:g], self.scratch[:g])
         return _run_plan(plan)
 
-    def _weighted_norm(self, r: torch.Tensor, g: int) -> torch.Tensor:
-        """Σ r²/D per plane, [g, 1] (r float32 [g, P], zero off the removed positions)."""
-        tmp = self.tmp[:g]
-        torch.mul(r, r, out=tmp)
-        tmp.mul_(self.dinv[:g])
-        return self._sum_tmp(g)
+    def _precondition(self, g: int, r: torch.Tensor, dinv: torch.Tensor, z: torch.Tensor) -> None:
+        """z = (D⁻¹ + D⁻¹ N D⁻¹) r: Jacobi plus the next term of its Neumann series (N: the neighbour
+        weights, sep − 4·centre). Symmetric and positive definite, as D + N is diagonally dominant."""
+        u = self.pre.x(g)
+        torch.mul(r, dinv, out=u)
+        t = self.pre.sep(g)
+        t.sub_(u, alpha=4)
+        t.mul_(dinv)
+        torch.add(u, t, out=z)
 
-    def solve(self, values: torch.Tensor, removed: torch.Tensor, out: torch.Tensor, rtol: float, max_iter: int):
-        """Solve g planes: ``values`` [g, H, W], ``removed`` bool [g, H, W]; the result (the known values at
-        known positions, the solution at removed ones) into ``out`` [g, H, W]."""
-        g, grid = len(values), self.g32
-        m, dinv, r, z, q, x, tmp = (t[:g] for t in (self.m, self.dinv, self.r, self.z, self.q, self.e, self.tmp))
+    def solve(
+        self,
+        values: torch.Tensor,
+        removed: torch.Tensor,
+        out: torch.Tensor,
+        fill: torch.Tensor,
+        noise: float,
+        rtol: float,
+        max_iter: int,
+    ) -> None:
+        """Solve the planes of n whole images: ``values`` [n·C, H, W], ``removed`` uint8 0/1 [n, 1 or C,
+        H, W]; the imputed planes into ``out`` [n·C, H, W], which holds standard normal draws if
+        ``noise`` > 0. ``fill``: the fallback per channel, float32 [C]."""
+        g, grid = len(values), self.grid
+        n, c = len(removed), g // len(removed)
+        m, dinv, r, z, q, x, tmp = (t[:g] for t in (self.m, self.dinv, self.r, self.z, self.q, self.x, self.tmp))
         d = grid.x(g)  # the stencil's input: first the known values, then the search direction
-        grid.interior(m).copy_(removed)
+        removed = removed.expand(n, c, self.h, self.w)
+        grid.interior(m).unflatten(0, (n, c)).copy_(removed)
         torch.div(m, self.d, out=dinv)
-        # Known-neighbour weight of every removed pixel, and the known count of every plane.
+        # Known-neighbour weight of every removed pixel, and the known count of every plane (an integer
+        # sum: exact in any order).
         torch.sub(self.inside, m, out=d)
-        count = _halving_sum(d, self.scratch[:g])
-        self.nothing_known = count[:, 0] == 0
+        count = self.h * self.w - removed.sum(dim=(2, 3), dtype=torch.int32).view(g, 1)
+        nothing_known = count[:, 0] == 0
         dk = z
         torch.mul(grid.sep(g), m, out=dk)
-        # Known values (0 at removed positions); b = the ×12 known-neighbour sums at removed positions.
-        stage = self.stage[:g]
-        torch.where(removed, self.zero, values.to(torch.float32), out=stage)
-        grid.interior(d).copy_(stage)
-        mean = _halving_sum(d, self.scratch[:g]).div_(count.clamp_(min=1))
+        # Known values (+0 at removed positions, whatever was there); b = the ×12 known-neighbour sums.
+        keep = self.keep[:g]
+        keep.view(n, c, self.h, self.w).copy_(removed)
+        keep.sub_(1)  # all bits set at known positions
+        values32 = values.to(torch.float32)
+        torch.bitwise_and(values32.view(torch.int32), keep, out=grid.interior(d).view(torch.int32))
+        mean = _halving_sum(d, self.scratch[:g]).div_(count.clamp(min=1))
         b = q
         torch.mul(grid.sep(g), m, out=b)
-        bb = self._weighted_norm(b, g)
-        # Start: the known-neighbour mean, or the plane's known mean where a pixel has no known neighbour.
-        has_known = torch.gt(dk, 0, out=self.flag[:g])
-        torch.div(b, dk.clamp_(min=1), out=b)
-        torch.where(has_known, b, mean, out=b)
+        torch.mul(b, b, out=tmp)
+        tmp.mul_(dinv)
+        bb = self._sum_tmp(g)
+        # Start: the known-neighbour mean, or the plane's known mean where a pixel has no known neighbour
+        # (the mean weighs 2⁻³⁰: it decides only where the known-neighbour weight is 0).
+        b.add_(mean.mul_(_MEAN_WEIGHT))
+        dk.add_(_MEAN_WEIGHT)
+        torch.div(b, dk, out=b)
         b.mul_(m)
         d.add_(b)  # known values + start: the whole image
         x.copy_(d)
         # r = b − A x = sep(x) − (D + 4)·x at removed positions.
-        torch.mul(d, self.dplus32, out=r)
+        torch.mul(d, self.dplus, out=r)
         torch.sub(grid.sep(g), r, out=r)
         r.mul_(m)
-        # Jacobi-preconditioned CG from there; a plane stops (is frozen) once its residual is small enough.
-        torch.mul(r, dinv, out=z)
+        # Preconditioned CG from there; a plane stops (is frozen) once its residual is small enough.
+        self._precondition(g, r, dinv, z)
         d.copy_(z)
         torch.mul(r, z, out=tmp)
         rz = self._sum_tmp(g)
-        target = torch.maximum(bb, rz).mul_(rtol * rtol)
+        target = torch.maximum(bb, rz).mul_(rtol * rtol * min(1.0, _RTOL_PIXELS / (self.h * self.w)) ** 1.5)
         active = rz > target
-        zero = self.zero
+        zero, res = self.zero, self.res[:g]
+        rows = None  # the plane of each row, once finished planes have been dropped
         it = 0
-        while bool(active.any()):
+        while (left := int(active.sum())) > 0:
             if it >= max_iter:
                 raise RoarError(
                     f"ROAD imputation did not reach relative residual {rtol:.0e} in {max_iter} CG iterations; "
                     "raise max_iter or rtol"
                 )
+            if left <= len(active) * _COMPACT:
+                # The finished planes leave (their result goes to ``res``), the others move up: rows are
+                # independent, so a plane's arithmetic does not depend on its row.
+                done, kept = (~active[:, 0]).nonzero()[:, 0], active[:, 0].nonzero()[:, 0]
+                rows = torch.arange(len(active), device=self.device) if rows is None else rows
+                res.index_copy_(0, rows[done], grid.interior(x[done]))
+                for t in (x, r, dinv, d):
+                    t[:left] = t[kept]
+                rows, rz, target, active = rows[kept], rz[kept], target[kept], active[kept]
+                dinv, r, z, q, x, tmp = (t[:left] for t in (self.dinv, self.r, self.z, self.q, self.x, self.tmp))
+                d = grid.x(left)
+            k = len(active)
             # q = A d = (D + 4)·d − sep(d); d is zero off the removed positions.
-            s = grid.sep(g)
-            torch.mul(d, self.dplus32, out=q)
+            s = grid.sep(k)
+            torch.mul(d, self.dplus, out=q)
             q.sub_(s)
             torch.mul(d, q, out=tmp)
-            alpha = torch.where(active, rz / self._sum_tmp(g), zero)
+            alpha = torch.where(active, rz / self._sum_tmp(k), zero)
             torch.mul(d, alpha, out=tmp)
             x.add_(tmp)
             torch.mul(q, alpha, out=tmp)
             r.sub_(tmp)
-            torch.mul(r, dinv, out=z)
+            self._precondition(k, r, dinv, z)
             torch.mul(r, z, out=tmp)
-            rz_new = self._sum_tmp(g)
+            rz_new = self._sum_tmp(k)
             active = active & (rz_new > target)
             beta = torch.where(active, rz_new / rz, zero)
             d.mul_(beta)
             d.add_(z)
             rz = rz_new
             it += 1
-        self.iterations = it
-        out.copy_(grid.interior(x))
+        if rows is None:
+            res = grid.interior(x)
+        else:
+            res.index_copy_(0, rows, grid.interior(x))
+        # Planes with no known pixel: the fallback (their solve above was trivially empty).
+        if bool(nothing_known.any()):
+            planes = nothing_known.nonzero()[:, 0]
+            res[planes] = fill[planes % c].view(-1, 1, 1)
+        # Noise, then the known values back, bit for bit.
+        if noise > 0:
+            out.mul_(noise).add_(res)
+        else:
+            out.copy_(res)
+        if out.dtype == torch.float32:
+            delta = self.delta[:g]
+            torch.bitwise_xor(values.view(torch.int32), out.view(torch.int32), out=delta)
+            delta.bitwise_and_(keep)
+        else:
+            ints = _INTS[out.dtype.itemsize]
+            delta = torch.bitwise_xor(values.view(ints), out.view(ints)).bitwise_and_(keep.to(ints))
+        out.view(delta.dtype).bitwise_xor_(delta)
