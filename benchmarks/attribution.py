@@ -26,21 +26,17 @@ comparison alternate (a change in machine load hits both sides alike); the best 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import os
-import sys
 import time
 import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from benchmarks.report import machine, write_section
+from benchmarks.report import bench_parser, bench_run, machine
 from roar.attribution import Context, create
 from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
 from roar.models.base import Classifier
@@ -483,39 +479,31 @@ def render(command: str, rows, infos, s: Settings, load_start, load_end, layout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.attribution", description=__doc__.splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smoke test: small batches, one round (≈ 30 s)")
-    size.add_argument("--full", action="store_true", help="also the seed widths 64/128/256 (slow on a CPU)")
+    parser = bench_parser("benchmarks.attribution", __doc__, "smoke test: small batches, one round (≈ 30 s)")
+    parser.add_argument("--full", action="store_true", help="also the seed widths 64/128/256 (slow on a CPU)")
     parser.add_argument("--max-batch", type=int, metavar="N", help="inputs per pass on both sides (default: roar's)")
-    parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
     args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other")
     s = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     if args.max_batch:
         s = dataclasses.replace(s, max_batch=args.max_batch)
-    command = " ".join(["python -m benchmarks.attribution", *(sys.argv[1:] if argv is None else argv)])
     warnings.filterwarnings("ignore", module="captum")
     warnings.filterwarnings("ignore", message=".*requires_grad.*")
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    def measure_all(log) -> tuple[list, list]:
+        rows, infos = [], []
+        for widths in s.widths:
+            r, info = measure(widths, s, log)
+            rows += r
+            infos.append(info)
+        return rows, infos
 
-    load_start = os.getloadavg()[0]
-    log(f"threads {torch.get_num_threads()}, load average {load_start:.2f}")
-    t0 = time.perf_counter()
-    rows, infos = [], []
-    for widths in s.widths:
-        r, info = measure(widths, s, log)
-        rows += r
-        infos.append(info)
-    load_end = os.getloadavg()[0]
-    log(f"total {time.perf_counter() - t0:.0f} s")
-    section = render(command, rows, infos, s, load_start, load_end, infos[0]["layout"])
-    print(section)
-    if args.write:
-        write_section(args.write, section)
-        log(f"wrote {args.write}")
-    return 0
+    def render_all(command: str, result: tuple[list, list], load_start: float, load_end: float) -> str:
+        rows, infos = result
+        return render(command, rows, infos, s, load_start, load_end, infos[0]["layout"])
+
+    return bench_run("benchmarks.attribution", argv, args.write, measure_all, render_all)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,3 +54,40 @@ def write_section(path: Path, section: str) -> None:
         text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so that stdout carries only the section."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_parser(module: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--quick`` (a smoke-sized preset) and ``--write MD``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
+    return parser
+
+
+def bench_run(
+    module: str,
+    argv: Sequence[str] | None,
+    write: Path | None,
+    measure: Callable[[Callable[[str], None]], Any],
+    render: Callable[[str, Any, float, float], str],
+) -> int:
+    """Measure (logging the threads and the load before and after), print the rendered section and,
+    with ``write``, replace it in that markdown file. ``render(command, result, load_start, load_end)``."""
+    command = " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+    load_start = os.getloadavg()[0]
+    log(f"threads {torch.get_num_threads()}, load average {load_start:.2f}")
+    t0 = time.perf_counter()
+    result = measure(log)
+    load_end = os.getloadavg()[0]
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    section = render(command, result, load_start, load_end)
+    print(section)
+    if write:
+        write_section(write, section)
+        log(f"wrote {write}")
+    return 0

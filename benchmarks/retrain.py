@@ -23,11 +23,8 @@ without training) to show where any overhead comes from.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import machine, write_section
+from benchmarks.report import bench_parser, bench_run, machine
 from roar.attribution.store import StoreWriter
 from roar.config import load_config
 from roar.data import TensorSplit, build_dataset
@@ -61,7 +58,7 @@ class Settings:
     rounds: int
 
 
-PRESETS = {"quick": Settings(2000, rounds=2), "default": Settings(8000, rounds=3)}
+PRESETS = {"quick": Settings(512, rounds=1), "default": Settings(8000, rounds=3)}
 PATHS = {
     "reference": "(a) unmodified, in memory (`InMemorySource`)",
     "in_memory": "(b) ablated, in memory",
@@ -305,28 +302,12 @@ def render(command: str, info: dict, s: Settings, load_start: float, load_end: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.retrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"smoke test: {PRESETS['quick'].images} images (≈ 30 s)")
-    parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
-    args = parser.parse_args(argv)
+    quick = f"smoke test: {PRESETS['quick'].images} images, one round"
+    args = bench_parser("benchmarks.retrain", __doc__, quick).parse_args(argv)
     s = PRESETS["quick" if args.quick else "default"]
-    command = " ".join(["python -m benchmarks.retrain", *(sys.argv[1:] if argv is None else argv)])
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    load_start = os.getloadavg()[0]
-    log(f"threads {torch.get_num_threads()}, load average {load_start:.2f}")
-    t0 = time.perf_counter()
-    info = measure(s, log)
-    load_end = os.getloadavg()[0]
-    log(f"total {time.perf_counter() - t0:.0f} s")
-    section = render(command, info, s, load_start, load_end)
-    print(section)
-    if args.write:
-        write_section(args.write, section)
-        log(f"wrote {args.write}")
-    return 0
+    return bench_run(
+        "benchmarks.retrain", argv, args.write, lambda log: measure(s, log), lambda c, r, a, b: render(c, r, s, a, b)
+    )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,9 @@ per second, so the counts need not match — and its solutions are compared with
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy
@@ -28,7 +24,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
-from benchmarks.report import machine, write_section
+from benchmarks.report import bench_parser, bench_run, machine
 from roar.perturb.road import linear_impute, road_impute
 
 SECTION = "## ROAD imputation"
@@ -236,28 +232,11 @@ def render(command: str, results: list[dict], s: Settings, load_start: float, lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.road", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: a few images per cell, one round")
-    parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
-    args = parser.parse_args(argv)
+    args = bench_parser("benchmarks.road", __doc__, "smoke test: a few images per cell, one round").parse_args(argv)
     s = PRESETS["quick" if args.quick else "default"]
-    command = " ".join(["python -m benchmarks.road", *(sys.argv[1:] if argv is None else argv)])
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    load_start = os.getloadavg()[0]
-    log(f"threads {torch.get_num_threads()}, load average {load_start:.2f}")
-    t0 = time.perf_counter()
-    results = measure(s, log)
-    load_end = os.getloadavg()[0]
-    log(f"total {time.perf_counter() - t0:.0f} s")
-    section = render(command, results, s, load_start, load_end)
-    print(section)
-    if args.write:
-        write_section(args.write, section)
-        log(f"wrote {args.write}")
-    return 0
+    return bench_run(
+        "benchmarks.road", argv, args.write, lambda log: measure(s, log), lambda c, r, a, b: render(c, r, s, a, b)
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ with ``training.snapshots.epochs: all``), 32×32 RGB images. Each side runs once
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import os
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -38,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import machine, write_section
+from benchmarks.report import bench_parser, bench_run, machine
 from roar.attribution.engine import input_gradients, max_batch_for, prepare_model
 from roar.attribution.store import StoreWriter
 from roar.config import load_config
@@ -312,29 +309,15 @@ def render(command: str, speed: dict, memory: dict, s: Settings, load_start: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.vog", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: a few hundred images (≈ 15 s)")
-    parser.add_argument("--write", type=Path, metavar="MD", help="write/replace the section in this markdown file")
-    args = parser.parse_args(argv)
+    args = bench_parser("benchmarks.vog", __doc__, "smoke test: a few hundred images (≈ 15 s)").parse_args(argv)
     s = PRESETS["quick" if args.quick else "default"]
-    command = " ".join(["python -m benchmarks.vog", *(sys.argv[1:] if argv is None else argv)])
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    load_start = os.getloadavg()[0]
-    log(f"threads {torch.get_num_threads()}, load average {load_start:.2f}")
-    t0 = time.perf_counter()
-    speed = measure_speed(s, log)
-    memory = measure_memory(s, log)
-    load_end = os.getloadavg()[0]
-    log(f"total {time.perf_counter() - t0:.0f} s")
-    section = render(command, speed, memory, s, load_start, load_end)
-    print(section)
-    if args.write:
-        write_section(args.write, section)
-        log(f"wrote {args.write}")
-    return 0
+    return bench_run(
+        "benchmarks.vog",
+        argv,
+        args.write,
+        lambda log: (measure_speed(s, log), measure_memory(s, log)),
+        lambda c, r, a, b: render(c, *r, s, a, b),
+    )
 
 
 if __name__ == "__main__":
