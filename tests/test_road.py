@@ -9,6 +9,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
+from benchmarks.road import scipy_impute as fast_reference  # the benchmark's reference, numpy-built
 from roar.config import RoarConfig
 from roar.errors import RoarError
 from roar.evaluation import ablate, build_fill
@@ -184,37 +185,6 @@ def test_odd_values_stay_where_they_are_known_and_do_not_leak_where_removed():
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def fast_reference(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """``reference`` for a pixel mask [H, W], with the sparse system built by numpy (for large holes)."""
-    c, h, w = image.shape
-    pixels = np.flatnonzero(removed)
-    index = np.full(h * w, -1)
-    index[pixels] = np.arange(len(pixels))
-    y, x = np.divmod(pixels, w)
-    parts, total = [], np.zeros(len(pixels))
-    for dy, dx in OFFSETS:
-        yy, xx = y + dy, x + dx
-        ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-        weight = np.where(ok, 1 / 6 if dy == 0 or dx == 0 else 1 / 12, 0.0)
-        total += weight
-        parts.append((np.where(ok, yy * w + xx, 0), ok, weight))
-    rows, cols, vals = [np.arange(len(pixels))], [np.arange(len(pixels))], [np.ones(len(pixels))]
-    rhs = np.zeros((len(pixels), c))
-    flat = image.reshape(c, -1)
-    for neighbour, ok, weight in parts:
-        j = np.where(ok, index[neighbour], -1)
-        unknown, known = ok & (j >= 0), ok & (j < 0)
-        rows.append(np.flatnonzero(unknown))
-        cols.append(j[unknown])
-        vals.append(-(weight / total)[unknown])
-        rhs[known] += (weight / total)[known, None] * flat[:, neighbour[known]].T
-    shape = (len(pixels), len(pixels))
-    matrix = scipy.sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape)
-    out = flat.copy()
-    out[:, pixels] = scipy.sparse.linalg.spsolve(matrix, rhs).reshape(len(pixels), c).T
-    return out.reshape(c, h, w)
 
 
 def hard_masks(size: int) -> dict[str, torch.Tensor]:
