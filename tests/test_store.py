@@ -215,7 +215,7 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
         AttributionStore.open(path)
     message = str(err.value)
     assert "is unfinished" in message and "ig: 128 of 300 images" in message and "grad: 64 of 300 images" in message
-    assert "task extract-attribution-maps" in message
+    assert "rerun the stage that writes it ('roar extract'" in message
     with AttributionStore.open(path, require_complete=False) as store:
         assert store.method_info("ig") == {
             "method": "integrated_gradients",
@@ -231,7 +231,7 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
 
 
 def test_missing_store(tmp_path):
-    with pytest.raises(RoarError, match=r"no attribution store at .*nothing.h5; run 'roar extract' first"):
+    with pytest.raises(RoarError, match=r"no attribution store at .*nothing.h5; run the stage that writes it \('roar extract'"):
         AttributionStore.open(tmp_path / "nothing.h5")
 
 

@@ -59,8 +59,8 @@ COMPRESSIONS = ("lzf", "gzip", None)
 # Fields a resumed writer must agree on, in the order they are checked.
 IDENTITY = ("split", "n", "geometry", "dataset", "dataset_fingerprint", "model_hash", "reduction", "target", "channels")
 JSON_ATTRS = ("geometry", "provenance")
-EXTRACT = "roar extract"
-RESUME = "task extract-attribution-maps"
+# What recreates or completes a store; the same store format holds VoG's per-snapshot gradients.
+RERUN = "the stage that writes it ('roar extract' for attribution maps, 'roar vog' for VoG gradients)"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _CHUNK_FILE = re.compile(r"^(\d{12})\.npz$")
 
@@ -222,7 +222,7 @@ def _check_method_names(methods: dict[str, dict]) -> None:
 
 def _damaged(path: Path, exc: BaseException) -> RoarError:
     return RoarError(
-        f"{path} is damaged or not an HDF5 file ({_first_line(exc)}); delete it and rerun '{EXTRACT}' to recreate it"
+        f"{path} is damaged or not an HDF5 file ({_first_line(exc)}); delete it and rerun {RERUN} to recreate it"
     )
 
 
@@ -314,7 +314,7 @@ class _Staging:
             return manifest
         except Exception as exc:
             raise RoarError(
-                f"{self.manifest_path} is damaged ({_first_line(exc)}); delete {self.root} and rerun '{EXTRACT}'"
+                f"{self.manifest_path} is damaged ({_first_line(exc)}); delete {self.root} and rerun {RERUN}"
             ) from None
 
     def write_manifest(self, manifest: dict) -> None:
@@ -745,7 +745,7 @@ class StoreWriter:
 
     def _damaged_chunk(self, relative: str) -> RoarError:
         return RoarError(
-            f"{self.staging.root / relative} was unreadable and has been removed; rerun '{RESUME}' to recompute it"
+            f"{self.staging.root / relative} was unreadable and has been removed; rerun {RERUN} to recompute it"
         )
 
     def close(self) -> None:
@@ -846,7 +846,7 @@ class AttributionStore:
         consolidated = _h5_methods(path, h5) if h5 is not None else {}
         manifest = _live_manifest(staging, consolidated)
         if h5 is None and manifest is None:
-            raise RoarError(f"no attribution store at {path}; run '{EXTRACT}' first")
+            raise RoarError(f"no attribution store at {path}; run {RERUN} first")
         header = _h5_header(path, h5) if h5 is not None else manifest
         header = {key: value for key, value in header.items() if key not in ("chunk_rows", "methods")}
         n, shape = int(header["n"]), map_shape(header["geometry"], header["channels"])
@@ -962,7 +962,7 @@ class AttributionStore:
         ]
         for ok, message in checks:
             if not ok:
-                raise RoarError(f"{self.path}: {message}; rerun '{EXTRACT}' for this dataset or point to another store")
+                raise RoarError(f"{self.path}: {message}; rerun {RERUN} for this dataset or point to another store")
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -982,7 +982,7 @@ def _unfinished(path: Path, n: int, methods: dict[str, dict]) -> str:
         if not spec["consolidated"]:
             note = "" if spec["rows_done"] < n else ", not yet consolidated"
             parts.append(f"{name}: {spec['rows_done']} of {n} images{note}")
-    return f"{path} is unfinished ({'; '.join(parts)}); rerun '{RESUME}' to complete it"
+    return f"{path} is unfinished ({'; '.join(parts)}); rerun {RERUN} to complete it"
 
 
 def describe(path: str | Path) -> str:
