@@ -67,9 +67,18 @@ def _markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PANELS = {
+    "roar": "ROAR: top t% removed, retrained",
+    "kar": "KAR: top t% kept, retrained",
+    "leak_roar": "Leakage: trained on the ROAR mask alone",
+    "leak_kar": "Leakage: trained on the KAR mask alone",
+}
+
+
 def _plot(table: list[dict], path: Path) -> None:
     plt = pyplot()
-    modes = sorted({r["mode"] for r in table} - {"baseline"})
+    present = {r["mode"] for r in table} - {"baseline"}
+    modes = [m for m in PANELS if m in present] + sorted(present - set(PANELS))
     if not modes:
         return
     baseline = next((r for r in table if r["mode"] == "baseline"), None)
@@ -93,7 +102,7 @@ def _plot(table: list[dict], path: Path) -> None:
             )
         ax.set_xlabel("top pixels " + ("removed" if mode.endswith("roar") else "kept") + " (%)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(mode.upper())
+        ax.set_title(PANELS.get(mode, mode.upper()), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.tight_layout()
