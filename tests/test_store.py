@@ -231,7 +231,8 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
 
 
 def test_missing_store(tmp_path):
-    with pytest.raises(RoarError, match=r"no attribution store at .*nothing.h5; run the stage that writes it \('roar extract'"):
+    expected = r"no attribution store at .*nothing.h5; run the stage that writes it \('roar extract'"
+    with pytest.raises(RoarError, match=expected):
         AttributionStore.open(tmp_path / "nothing.h5")
 
 
