@@ -33,6 +33,8 @@ from torch import nn
 
 import roar
 from roar.errors import RoarError
+from roar.models.base import Classifier
+from roar.models.mlp import MLP
 from roar.plots import pyplot, save_figure
 from roar.provenance import git_commit, write_json
 from roar.vog import analysis as A
@@ -88,24 +90,10 @@ def make_toy_data(seed: int) -> ToyData:
 # ------------------------------------------------------------------------------------------- model
 
 
-class ToyMLP(nn.Module):
-    """2 → 16 → 16 → 2 tanh MLP on standardised inputs. The standardisation is part of the model
-    (fixed buffers from the train split), so gradients and the boundary live in data coordinates."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, hidden: tuple[int, ...] = HIDDEN):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        layers: list[nn.Module] = []
-        width = 2
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.Tanh()]
-            width = h
-        layers.append(nn.Linear(width, 2))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+def toy_model(mean: torch.Tensor, std: torch.Tensor, hidden: tuple[int, ...] = HIDDEN) -> Classifier:
+    """The registry's MLP, 2 → 16 → 16 → 2 with tanh, behind a standardisation from the train split
+    (fixed, inside the model), so that gradients and the boundary live in data coordinates."""
+    return Classifier(MLP(2, 2, hidden, "tanh"), tuple(mean.tolist()), tuple(std.tolist()))
 
 
 def input_gradients(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -118,7 +106,7 @@ def input_gradients(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> 
     return grad.numpy()
 
 
-def train_toy(data: ToyData, split: str, epochs: int, seed: int, lr: float = LR) -> tuple[ToyMLP, np.ndarray]:
+def train_toy(data: ToyData, split: str, epochs: int, seed: int, lr: float = LR) -> tuple[Classifier, np.ndarray]:
     """Train on the train split with full-batch SGD; after each epoch snapshot the input gradients
     of the ``split`` points. Returns the trained model and the snapshots [epochs, N, 2].
 
@@ -135,13 +123,13 @@ def train_toy(data: ToyData, split: str, epochs: int, seed: int, lr: float = LR)
         torch.set_num_threads(threads)
 
 
-def _train(data: ToyData, split: str, epochs: int, seed: int, lr: float) -> tuple[ToyMLP, np.ndarray]:
+def _train(data: ToyData, split: str, epochs: int, seed: int, lr: float) -> tuple[Classifier, np.ndarray]:
     x = torch.tensor(data.x, dtype=torch.float64)
     y = torch.tensor(data.labels)
     train_x, train_y = x[data.train], y[data.train]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ToyMLP(train_x.mean(dim=0), train_x.std(dim=0)).double()
+        model = toy_model(train_x.mean(dim=0), train_x.std(dim=0)).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     idx = data.split(split)
     snapshots = []
