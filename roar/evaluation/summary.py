@@ -82,8 +82,12 @@ def _plot(table: list[dict], path: Path) -> None:
     if not modes:
         return
     baseline = next((r for r in table if r["mode"] == "baseline"), None)
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    cols = min(2, len(modes))  # ROAR and KAR side by side, their leakage panels below
+    nrows = -(-len(modes) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(modes) :]:
+        ax.set_visible(False)
+    for ax, mode in zip(axes.flat, modes):
         rows = [r for r in table if r["mode"] == mode]
         for method in sorted({r["method"] for r in rows}):
             points = sorted((r["threshold"], r["mean"], r["std"]) for r in rows if r["method"] == method)
@@ -104,7 +108,7 @@ def _plot(table: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(PANELS.get(mode, mode.upper()), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes.flat[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     save_figure(fig, path)
 
