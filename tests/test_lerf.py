@@ -14,7 +14,7 @@ from torch import nn
 from roar.attribution.extract import extract
 from roar.errors import RoarError
 from roar.evaluation.fills import build_fill
-from roar.evaluation.lerf import areas, read_rows, run
+from roar.evaluation.lerf import areas, run
 from roar.perturb.curves import (
     PatchMeanFill,
     curve_sums,
@@ -24,6 +24,7 @@ from roar.perturb.curves import (
     removal_mask,
     softmax,
 )
+from roar.tables import read_csv
 
 H = W = 6
 
@@ -175,7 +176,7 @@ def test_lerf_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained
     extract(cfg)
     first = run(cfg)
     out = cfg.run_dir / "lerf"
-    rows = read_rows(out / "results.csv")
+    rows = read_csv(out / "results.csv")
     curves = {(r["method"], r["order"]) for r in rows}
     assert curves == {
         ("gradient", "morf"),
@@ -213,7 +214,7 @@ def test_patch_degradation_with_patch_mean_fill_runs_through_the_stage(trained_r
     cfg, _ = run_copy(trained_run, tmp_path, "patches", overrides)
     extract(cfg)
     run(cfg)
-    rows = read_rows(cfg.run_dir / "lerf" / "results.csv")
+    rows = read_csv(cfg.run_dir / "lerf" / "results.csv")
     assert [float(r["fraction"]) for r in rows] == [p / 16 for p in range(17)]
     assert {r["fill"] for r in rows} == {"patch_mean"} and {r["granularity"] for r in rows} == {"patch"}
 
@@ -233,7 +234,7 @@ def test_road_fill_runs_through_the_stage_and_falls_back_to_the_dataset_mean(tra
         cfg, _ = run_copy(trained_run, tmp_path, name, [*common, f"lerf.fill={fill}"])
         extract(cfg)
         run(cfg)
-        rows = [r for r in read_rows(cfg.run_dir / "lerf" / "results.csv") if r["method"] == "gradient"]
+        rows = [r for r in read_csv(cfg.run_dir / "lerf" / "results.csv") if r["method"] == "gradient"]
         assert {r["fill"] for r in rows} == {fill.split(",")[0].split()[-1].strip("}")}
         curves[name] = {float(r["fraction"]): (float(r["accuracy"]), float(r["probability"])) for r in rows}
     assert curves["road"][0.0] == curves["mean"][0.0], "step 0 is the clean image for every fill"

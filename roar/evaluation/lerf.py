@@ -18,8 +18,6 @@ methods still missing; one folder holds one protocol (``settings.json`` refuses 
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from roar.evaluation.fills import build_fill
 from roar.perturb.curves import MEASURES, CurveSums, PatchMeanFill, area, curve_sums, softmax
 from roar.plots import pyplot, save_figure
 from roar.provenance import guard_settings, record_run
+from roar.tables import read_csv, write_csv
 from roar.training import load_run_model
 
 COLUMNS = ["method", "order", "granularity", "fill", "step", "fraction", *MEASURES, "images"]
@@ -93,18 +92,6 @@ def _rows(method: str, order: str, cfg: RunConfig, sums: CurveSums) -> list[dict
         }
         for i, step in enumerate(sums.steps)
     ]
-
-
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def read_rows(path: Path) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(path.read_text()))) if path.exists() else []
 
 
 def run(cfg: RunConfig) -> dict:
@@ -185,11 +172,10 @@ def run(cfg: RunConfig) -> dict:
                     else:
                         sums[order] = s
                 bar.update()
-            text = _csv([r for o in orders for r in _rows(method, o, cfg, sums[o])])
-            write_text_atomic(parts / f"{method}.csv", text)
+            write_csv(parts / f"{method}.csv", [r for o in orders for r in _rows(method, o, cfg, sums[o])], COLUMNS)
     bar.close()
-    results = [r for m, orders in curves if orders for r in read_rows(parts / f"{m}.csv")]
-    write_text_atomic(out / "results.csv", _csv(results))
+    results = [r for m, orders in curves if orders for r in read_csv(parts / f"{m}.csv")]
+    write_csv(out / "results.csv", results, COLUMNS)
     table = summarise(out, results)
     return {
         "methods": len(methods),
@@ -288,11 +274,8 @@ def summarise(out: Path, results: list[dict]) -> list[dict]:
     """Write ``summary.csv``, ``summary.md`` and ``curves.png`` into ``out``; returns the area table."""
     table = areas(results)
     columns = ["method", *dict.fromkeys(k for row in table for k in row if k != "method")]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()} for row in table])
-    write_text_atomic(out / "summary.csv", buffer.getvalue())
+    fixed = [{k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()} for row in table]
+    write_csv(out / "summary.csv", fixed, columns)
     write_text_atomic(out / "summary.md", _markdown(table, results))
     if results:
         _plot(results, out / "curves.png")

@@ -8,14 +8,13 @@ point at threshold 0.
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from roar.atomic import write_text_atomic
 from roar.plots import pyplot, save_figure
+from roar.tables import write_csv
 
 CONTROLS = ("random", "sobel")
 
@@ -116,11 +115,7 @@ def _plot(table: list[dict], path: Path) -> None:
 def summarise(out: Path, rows: list[dict]) -> dict:
     """Write ``summary.csv``, ``summary.md`` and ``accuracy.png`` into ``out``."""
     table = aggregate(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["mode", "method", "threshold", "mean", "std", "n"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(table)
-    write_text_atomic(out / "summary.csv", buffer.getvalue())
+    write_csv(out / "summary.csv", table, ["mode", "method", "threshold", "mean", "std", "n"])
     write_text_atomic(out / "summary.md", _markdown(table))
     _plot(table, out / "accuracy.png")
     return {"output": str(out), "groups": len(table)}

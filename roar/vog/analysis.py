@@ -17,8 +17,6 @@ any dataset; ``roar.vog.stage`` feeds them and writes the files:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 import warnings
@@ -27,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from roar.atomic import write_text_atomic
 from roar.plots import pyplot, save_figure
 
-VARIANTS = ("vog", "vog_normalize", "vog_abs_normalize")
 PEERS = ("el2n", "forgetting", "confidence", "variability", "grand")
 # Scores where a *low* value marks a hard example are flipped so that every AUROC reads "higher = harder".
 FLIPPED = {"confidence": "low_confidence"}
@@ -103,38 +99,30 @@ def auroc_table(
     return rows
 
 
-def correlation_table(vog: dict[str, np.ndarray], peers: dict[str, np.ndarray], split: str) -> list[dict]:
-    """Spearman's ρ and its p-value between each VoG variant and each peer score."""
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Spearman's ρ and its p-value (``scipy.stats.spearmanr``); NaN when either side is constant
+    or not finite."""
     from scipy.stats import spearmanr
 
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant score has no rank correlation: NaN
+        result = spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+def correlation_table(vog: dict[str, np.ndarray], peers: dict[str, np.ndarray], split: str) -> list[dict]:
+    """Spearman's ρ and its p-value between each VoG variant and each peer score."""
     rows = []
     for a, x in vog.items():
         for b, y in peers.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a constant score has no rank correlation: NaN
-                result = spearmanr(x, y)
-            rows.append(
-                {"split": split, "vog": a, "peer": b, "rho": float(result.statistic), "p": float(result.pvalue)}
-            )
+            rho, p = spearman(x, y)
+            rows.append({"split": split, "vog": a, "peer": b, "rho": rho, "p": p})
     return rows
 
 
 # ------------------------------------------------------------------------------------------- writing
-
-
-def format_cell(value) -> str:
-    if isinstance(value, (float, np.floating)):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None) -> None:
-    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: format_cell(row.get(k, "")) for k in columns} for row in rows)
-    write_text_atomic(path, buffer.getvalue())
 
 
 def _pct(value: float) -> str:

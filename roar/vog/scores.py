@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+VARIANTS = ("vog", "vog_normalize", "vog_abs_normalize")
+"""The score variants: raw VoG, standardised within each true class, and the magnitude of that."""
+
 
 def default_stages(k: int) -> dict[str, list[int]]:
     """early / middle / late: consecutive thirds of the K snapshots; complete: all of them."""
@@ -66,3 +69,9 @@ def class_normalize(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         std = scores[sel].std()
         out[sel] = (scores[sel] - scores[sel].mean()) / std if std > 0 else 0.0
     return out
+
+
+def vog_variants(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """{variant: [N]} for ``VARIANTS``: the raw scores, ``class_normalize``d, and its absolute value."""
+    normalized = class_normalize(scores, labels)
+    return dict(zip(VARIANTS, (np.asarray(scores, dtype=np.float64), normalized, np.abs(normalized)), strict=True))

@@ -25,6 +25,7 @@ from roar.data import TAGS, Dataset, ImageSplit, build_dataset
 from roar.device import resolve_device
 from roar.errors import RoarError
 from roar.provenance import record_run, write_json
+from roar.tables import format_value, write_csv
 from roar.training import load_run_model
 from roar.vog import analysis as A
 from roar.vog.gradients import (
@@ -38,9 +39,9 @@ from roar.vog.gradients import (
     snapshot_dir,
 )
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, PeerCache, peer_scores
-from roar.vog.scores import class_normalize, default_stages, vog_scores
+from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
 
-BASE_COLUMNS = ["index", "split", "label", "prediction", "correct", "stage", *A.VARIANTS]
+BASE_COLUMNS = ["index", "split", "label", "prediction", "correct", "stage", *VARIANTS]
 SCORE_BUDGET = 64 * 2**20  # bytes of gradients (float64) that VoG scoring holds at once, whatever N is
 
 
@@ -91,10 +92,7 @@ def split_scores(
             raise RoarError(f"{gradient_path(cfg, split_name)} holds snapshots {g.snapshots}, the run has {names}")
         labels, predictions, index = g.labels.copy(), g.predictions.copy(), g.indices.copy()
         raw = {stage: vog_scores(g, positions, budget_bytes=SCORE_BUDGET) for stage, positions in stages.items()}
-    vog = {}
-    for stage, scores in raw.items():
-        normalized = class_normalize(scores, labels)
-        vog[stage] = {"vog": scores, "vog_normalize": normalized, "vog_abs_normalize": np.abs(normalized)}
+    vog = {stage: vog_variants(scores, labels) for stage, scores in raw.items()}
     peers = None
     if cfg.vog.peers:
         identity = {"snapshots": model_hash, "dataset_fingerprint": split.fingerprint(), "n": len(split)}
@@ -127,7 +125,7 @@ def _columns(r: dict, stage: str, peers: list[str], tagged: bool) -> list[list[s
     n = len(r["index"])
 
     def floats(values) -> list[str]:
-        return [A.format_cell(float(v)) for v in values]
+        return [format_value(float(v)) for v in values]
 
     columns = [
         r["index"].astype(str).tolist(),
@@ -136,7 +134,7 @@ def _columns(r: dict, stage: str, peers: list[str], tagged: bool) -> list[list[s
         r["predictions"].astype(str).tolist(),
         r["correct"].astype(int).astype(str).tolist(),
         [stage] * n,
-        *(floats(r["vog"][stage][v]) for v in A.VARIANTS),
+        *(floats(r["vog"][stage][v]) for v in VARIANTS),
     ]
     for p in peers:
         values = r["peers"][p]
@@ -249,7 +247,7 @@ def run(cfg: RunConfig) -> dict:
     main = next((r for r in results if r["split"] == "test"), results[0])
     complete = main["vog"]["complete"]
     deciles = A.decile_table(complete, main["correct"], main["index"])
-    A.write_csv(out / "deciles.csv", deciles)
+    write_csv(out / "deciles.csv", deciles)
     write_text_atomic(out / "deciles.md", A.deciles_markdown(deciles, main["split"], "complete"))
     overall = float(1 - main["correct"].mean())
     A.plot_deciles(deciles, overall, out / "deciles.png", main["split"], "complete")
@@ -260,13 +258,13 @@ def run(cfg: RunConfig) -> dict:
     for r in results:
         if r["tags"] is None or not (r["tags"] != 0).any():
             continue
-        scores = {(v, stage): values[v] for stage, values in r["vog"].items() for v in A.VARIANTS}
+        scores = {(v, stage): values[v] for stage, values in r["vog"].items() for v in VARIANTS}
         scores.update({(p, ""): values for p, values in (r["peers"] or {}).items()})
         scores[("final_error", "")] = (~r["correct"]).astype(np.float64)
         aurocs += A.auroc_table(scores, r["tags"], tag_names, r["split"])
     _drop_stale(out, "auroc", bool(aurocs))
     if aurocs:
-        A.write_csv(out / "auroc.csv", aurocs)
+        write_csv(out / "auroc.csv", aurocs)
         write_text_atomic(out / "auroc.md", A.auroc_markdown(aurocs, tag_names))
     correlations = []
     for r in results:
@@ -274,7 +272,7 @@ def run(cfg: RunConfig) -> dict:
             correlations += A.correlation_table(r["vog"]["complete"], r["peers"], r["split"])
     _drop_stale(out, "correlations", bool(correlations))
     if correlations:
-        A.write_csv(out / "correlations.csv", correlations)
+        write_csv(out / "correlations.csv", correlations)
         write_text_atomic(out / "correlations.md", A.correlations_markdown(correlations))
 
     by_decile = {row["decile"]: row for row in deciles if row["score"] == "vog"}

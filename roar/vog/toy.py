@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import platform
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,9 @@ from roar.models.base import Classifier
 from roar.models.mlp import MLP
 from roar.plots import pyplot, save_figure
 from roar.provenance import git_commit, write_json
+from roar.tables import write_csv
 from roar.vog import analysis as A
-from roar.vog.scores import class_normalize, default_stages, vog_scores
+from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
 
 # ---------------------------------------------------------------------------------------- settings
 
@@ -55,7 +55,7 @@ MARGIN = 1.0  # the grid extends this far (data units) beyond the points on ever
 SPLITS = ("train", "test")
 STAGES = ("early", "middle", "late", "complete")
 CALIBRATIONS = ("raw", "normalize", "abs_normalize")
-COLUMNS = ["index", "split", "x0", "x1", "label", "prediction", "correct", "distance", *A.VARIANTS]
+COLUMNS = ["index", "split", "x0", "x1", "label", "prediction", "correct", "distance", *VARIANTS]
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -167,11 +167,9 @@ def stage_snapshots(k: int, stage: str) -> list[int]:
 
 def toy_vog(gradients: np.ndarray, labels: np.ndarray, stage: str) -> tuple[dict[str, np.ndarray], list[int]]:
     """VoG of [K, N, 2] snapshots over the ``stage``'s snapshots only (``default_stages(K)``):
-    {raw, class-normalised, |class-normalised|} keyed by ``analysis.VARIANTS``, and the positions used."""
+    {raw, class-normalised, |class-normalised|} keyed by ``scores.VARIANTS``, and the positions used."""
     positions = stage_snapshots(len(gradients), stage)
-    raw = vog_scores(gradients, positions)
-    normalized = class_normalize(raw, labels)
-    return dict(zip(A.VARIANTS, (raw, normalized, np.abs(normalized)), strict=True)), positions
+    return vog_variants(vog_scores(gradients, positions), labels), positions
 
 
 # ---------------------------------------------------------------------------------------- boundary
@@ -242,18 +240,6 @@ def boundary_distance(
 def data_bounds(x: np.ndarray, margin: float = MARGIN) -> tuple[tuple[float, float], tuple[float, float]]:
     lo, hi = x.min(axis=0) - margin, x.max(axis=0) + margin
     return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Spearman's ρ and its p-value; NaN when either side is constant or not finite."""
-    from scipy.stats import spearmanr
-
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a constant input has no rank correlation: NaN
-        result = spearmanr(x, y)
-    return float(result.statistic), float(result.pvalue)
 
 
 # ----------------------------------------------------------------------------------------- figures
@@ -383,7 +369,7 @@ def run_toy(
     idx = data.split(split)
     labels = data.labels[idx]
     variants, positions = toy_vog(gradients, labels, stage)
-    chosen = A.VARIANTS[CALIBRATIONS.index(vog_cal)]
+    chosen = VARIANTS[CALIBRATIONS.index(vog_cal)]
     vog = variants[chosen]
 
     score_fn = logit_margin(model)
@@ -391,7 +377,7 @@ def run_toy(
     distance = boundary_distance(score_fn, data.x[idx], bounds, resolution)
     predictions = (score_fn(data.x) > 0).astype(np.int64)
     correct = predictions == data.labels
-    rho, p = spearman(vog, distance)
+    rho, p = A.spearman(vog, distance)
 
     rows = [
         {
@@ -403,11 +389,11 @@ def run_toy(
             "prediction": int(predictions[i]),
             "correct": int(correct[i]),
             "distance": float(distance[j]),
-            **{v: float(variants[v][j]) for v in A.VARIANTS},
+            **{v: float(variants[v][j]) for v in VARIANTS},
         }
         for j, i in enumerate(idx)
     ]
-    A.write_csv(out / "scores.csv", rows, COLUMNS)
+    write_csv(out / "scores.csv", rows, COLUMNS)
 
     vog_label = {"raw": "VoG", "normalize": "class-normalised VoG", "abs_normalize": "|class-normalised VoG|"}[vog_cal]
     first, last = positions[0] + 1, positions[-1] + 1
