@@ -41,6 +41,7 @@ from roar.attribution.store import StoreWriter
 from roar.config import load_config
 from roar.data import Dataset, TensorSplit
 from roar.models import build_model
+from roar.provenance import file_hash
 from roar.training.checkpoint import save_atomic
 from roar.training.trainer import model_metadata
 from roar.vog.gradients import (
@@ -49,7 +50,6 @@ from roar.vog.gradients import (
     TARGET,
     PeerPlan,
     compute_split,
-    files_hash,
     find_snapshots,
     load_snapshot,
     open_gradients,
@@ -120,7 +120,7 @@ def measure_speed(s: Settings, log) -> dict:
         cfg = load_config(CONFIG, ["device=cpu", f"output_dir={tmp / 'run'}"])
         final, model_path = fake_run(tmp / "run", cfg, dataset, s.snapshots)
         snapshots = find_snapshots(tmp / "run" / "train" / "snapshots")
-        model_hash = files_hash([x.path for x in snapshots] + [model_path])
+        model_hash = file_hash(*[x.path for x in snapshots], model_path)
         max_batch = max_batch_for(device, cfg.vog.max_batch)
         split = dataset.test
         images = split.images.float().div(255)

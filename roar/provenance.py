@@ -5,6 +5,7 @@ software and machine it ran on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -42,14 +43,22 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def record_run(stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch.device | None = None) -> dict:
-    """Write ``config.yaml`` and ``provenance.json`` into ``stage_dir``; returns the provenance."""
-    from roar.config import dump_config
+def file_hash(*paths: str | Path) -> str:
+    """sha256 (16 hex digits) of the files' contents in the given order: the identity of a model
+    checkpoint, or of a run's snapshots and final model together."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
-    stage_dir = Path(stage_dir)
-    write_text_atomic(stage_dir / "config.yaml", dump_config(cfg))
-    info = {
-        "seed": cfg.seed,
+
+def run_info(seed: int, inputs: dict[str, str], device: torch.device | None = None) -> dict:
+    """What ``provenance.json`` holds: seed, roar's version and commit, input fingerprints, the
+    command, the software and the device."""
+    return {
+        "seed": seed,
         "roar_version": roar.__version__,
         "git_commit": git_commit(),
         "inputs": inputs,
@@ -61,13 +70,22 @@ def record_run(stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch
         "device": str(device) if device is not None else None,
         "cuda": torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None,
     }
+
+
+def record_run(stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch.device | None = None) -> dict:
+    """Write ``config.yaml`` and ``provenance.json`` into ``stage_dir``; returns the provenance."""
+    from roar.config import dump_config
+
+    stage_dir = Path(stage_dir)
+    write_text_atomic(stage_dir / "config.yaml", dump_config(cfg))
+    info = run_info(cfg.seed, inputs, device)
     write_json(stage_dir / "provenance.json", info)
     return info
 
 
-def guard_settings(out: str | Path, settings: dict, results: str) -> None:
-    """One results file holds results of one protocol: record ``settings`` in ``out/settings.json``
-    on first use and refuse to add results made with different ones (a RoarError naming the keys)."""
+def guard_settings(out: str | Path, settings: dict, holds: str = "results") -> None:
+    """A folder holds outputs of one protocol: record ``settings`` in ``out/settings.json`` on first
+    use and refuse to add outputs made with different ones (a RoarError naming the keys)."""
     from roar.errors import RoarError
 
     out = Path(out)
@@ -78,7 +96,7 @@ def guard_settings(out: str | Path, settings: dict, results: str) -> None:
         changed = sorted(k for k in settings if old.get(k) != settings[k])
         if changed:
             raise RoarError(
-                f"{out / results} holds results made with other settings (differs in: {', '.join(changed)}); "
+                f"{out} holds {holds} made with other settings (differs in: {', '.join(changed)}); "
                 "use another output_dir or name, or delete that folder"
             )
     else:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from roar.data import DATASETS, build_dataset
+from roar.data import DATASETS, TensorSplit, build_dataset
 from roar.errors import RoarError
 
 
@@ -210,6 +210,17 @@ def test_folder_geometry_labels_and_pixels(tmp_path):
     loader = torch.utils.data.DataLoader(ds.test, batch_size=4)
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 12, 12) and labels.dtype == torch.int64
+
+
+def test_read_gives_the_rows_asked_for_from_disk_and_from_memory(tmp_path):
+    write_folder(tmp_path)
+    on_disk = build_dataset(config("folder", root=tmp_path, resize=16, crop=12)).train
+    in_memory = TensorSplit(torch.stack([on_disk[i][0] for i in range(len(on_disk))]), on_disk.labels)
+    for split in (on_disk, in_memory):
+        for rows, expected in ((slice(1, 4), [1, 2, 3]), ([5, 0, 2], [5, 0, 2]), (torch.tensor([4]), [4])):
+            for workers in (0, 2) if not split.in_memory else (0,):
+                images = split.read(rows, workers)
+                assert torch.equal(images, torch.stack([on_disk[i][0] for i in expected])), (rows, workers)
 
 
 def test_folder_fingerprint_is_stable_and_tracks_files(tmp_path):

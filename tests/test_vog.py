@@ -19,6 +19,7 @@ from roar.cli import main
 from roar.config import VogConfig
 from roar.data import build_dataset
 from roar.errors import RoarError
+from roar.provenance import file_hash
 from roar.training import load_run_model
 from roar.training.checkpoint import save_atomic
 from roar.vog.analysis import auroc_table, decile_bins, decile_table
@@ -29,13 +30,12 @@ from roar.vog.gradients import (
     PeerPlan,
     _Writes,
     compute_split,
-    files_hash,
     find_snapshots,
     gradient_path,
     load_snapshot,
     open_gradients,
 )
-from roar.vog.peers import data_map, forgetting_events, grand_norms, peer_scores, snapshot_peers
+from roar.vog.peers import PeerCache, data_map, forgetting_events, grand_norms, peer_scores, snapshot_peers
 from roar.vog.scores import class_normalize, default_stages, vog_scores
 from roar.vog.stage import el2n_position, resolve_stages, run
 
@@ -221,6 +221,46 @@ def test_gradient_reader_streams_the_same_vog_as_numpy_on_the_whole_array(tmp_pa
         assert np.allclose(vog_scores(g, [0, 1]), numpy_vog(full[:2]), rtol=1e-12)
 
 
+def test_a_store_of_attribution_maps_is_not_read_as_gradients(tmp_path):
+    writer = StoreWriter(
+        tmp_path / "maps.h5",
+        split="test",
+        n=4,
+        geometry=(3, 4, 4),
+        dataset="toy",
+        dataset_fingerprint="f",
+        model_hash="m",
+        reduction="sum_squares",
+        target="predicted",
+        channels=False,
+        methods={"gradient": {"method": "gradient", "params": {}}},
+        provenance={},
+    )
+    with writer:
+        labels = np.zeros(4, dtype=np.int64)
+        writer.write(0, {"gradient": np.ones((4, 4, 4), np.float32)}, labels, labels, np.arange(4))
+        writer.finish()
+    with pytest.raises(RoarError, match="is not a VoG gradient store"):
+        open_gradients(tmp_path / "maps.h5")
+
+
+def test_the_peer_cache_refuses_scores_of_other_snapshots_and_resumes_by_chunk(tmp_path):
+    identity = {"snapshots": "abc", "dataset_fingerprint": "f", "n": 10}
+    cache = PeerCache(tmp_path / "peers", identity, n=10, chunk_rows=4)
+    keys = ("p_true",)
+    assert cache.pending("epoch_0001", keys) == {0, 4, 8}
+    cache.save("epoch_0001", 4, {"p_true": np.arange(4, dtype=np.float32)})
+    assert cache.pending("epoch_0001", keys) == {0, 8}
+    assert not cache.finish("epoch_0001", keys)
+    cache.save("epoch_0001", 0, {"p_true": np.zeros(4, np.float32)})
+    cache.save("epoch_0001", 8, {"p_true": np.ones(2, np.float32)})
+    assert cache.finish("epoch_0001", keys)
+    assert cache.load("epoch_0001", keys)["p_true"].tolist() == [0] * 4 + [0, 1, 2, 3] + [1, 1]
+    assert PeerCache(tmp_path / "peers", identity, n=10, chunk_rows=4).pending("epoch_0001", keys) == set()
+    with pytest.raises(RoarError, match=r"holds peer scores made with other settings \(differs in: snapshots\)"):
+        PeerCache(tmp_path / "peers", {**identity, "snapshots": "xyz"}, n=10, chunk_rows=4)
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_writes_keep_their_order_and_report_errors(background):
     done: list[int] = []
@@ -261,7 +301,7 @@ def test_snapshot_errors_are_one_line_and_say_what_to_do(tmp_path):
     with pytest.raises(RoarError, match="does not fit") as info:
         load_snapshot(model, found[2], tmp_path / "model.pt")
     assert "\n" not in str(info.value) and "weight has shape [4, 3]" in str(info.value)
-    assert files_hash([s.path for s in found]) != files_hash([s.path for s in found[:2]])
+    assert file_hash(*[s.path for s in found]) != file_hash(*[s.path for s in found[:2]])
 
 
 def test_stage_and_el2n_settings_are_checked_against_the_snapshots():
@@ -406,7 +446,7 @@ def test_rerun_computes_nothing_and_a_killed_extraction_resumes(vog_run, repo, t
     dataset = build_dataset(other.dataset)
     model, _, model_path = load_run_model(other, dataset, torch.device("cpu"))
     snapshots = find_snapshots(other.run_dir / "train" / "snapshots")
-    model_hash = files_hash([s.path for s in snapshots] + [model_path])
+    model_hash = file_hash(*[s.path for s in snapshots], model_path)
     calls = []
 
     def kill() -> None:

@@ -87,6 +87,8 @@ def test_a_stage_needs_enough_epochs():
         toy.toy_vog(np.zeros((2, 4, 2)), np.zeros(4), "middle")
     with pytest.raises(RoarError, match="at least 3 epochs"):
         toy.run_toy(stage="middle", epochs=2)
+    with pytest.raises(RoarError, match="epochs must be at least 1"):
+        toy.run_toy(epochs=0)
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -114,6 +116,8 @@ def test_run_writes_figures_scores_and_summary(tmp_path):
         assert saved["points"] == n and saved["snapshots_used"] == 3 and saved["snapshot_epochs"] == [7, 9]
         assert np.isfinite(saved["spearman_rho"]) and -1 <= saved["spearman_rho"] <= 1
         assert saved == {**summary, "boundary_grid": saved["boundary_grid"]}  # tuples become lists in JSON
+        provenance = json.loads((out / "provenance.json").read_text())
+        assert provenance["seed"] == 0 and provenance["roar_version"] and provenance["torch"]
 
 
 def test_same_seed_same_scores(tmp_path):

@@ -9,7 +9,6 @@ computed once per batch.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import zlib
 from pathlib import Path
@@ -22,23 +21,15 @@ from roar.attribution.engine import predict, prepare_model
 from roar.attribution.reduce import reduce_map
 from roar.attribution.store import AttributionStore, StoreWriter
 from roar.config import MethodEntry, RunConfig
-from roar.data import Dataset, ImageSplit, build_dataset
+from roar.data import Dataset, build_dataset
 from roar.device import resolve_device
 from roar.errors import RoarError
-from roar.provenance import git_commit, record_run, write_json
+from roar.provenance import file_hash, git_commit, record_run, write_json
 from roar.training import load_run_model
 
 
 def store_path(cfg: RunConfig, split: str) -> Path:
     return cfg.run_dir / "attributions" / f"{split}.h5"
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def build_method(entry: MethodEntry, max_batch: int | None) -> Attribution:
@@ -63,16 +54,6 @@ def reference_images(dataset: Dataset, count: int, seed: int, device) -> torch.T
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
     images = train.images[pick] if train.in_memory else torch.stack([train[int(i)][0] for i in pick])
     return images.to(device).float().div_(255)
-
-
-def load_rows(split: ImageSplit, start: int, stop: int, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and labels of rows [start, stop): a slice in memory, loader workers from disk."""
-    if split.in_memory:
-        return split.images[start:stop], split.labels[start:stop]
-    subset = torch.utils.data.Subset(split, range(start, stop))
-    loader = torch.utils.data.DataLoader(subset, batch_size=stop - start, num_workers=num_workers)
-    images, labels = next(iter(loader))
-    return images, labels
 
 
 def _batches(writer: StoreWriter, names: list[str], batch_size: int, n: int):
@@ -128,7 +109,7 @@ def extract_split(
         total = sum(stop - start for start, stop, _ in work)
         bar = tqdm(total=total, desc=f"extract {split_name}", unit="img", disable=None, leave=False)
         for start, stop, todo in work:
-            images_u8, labels = load_rows(split, start, stop, a.num_workers)
+            images_u8, labels = split.read(slice(start, stop), a.num_workers), split.labels[start:stop]
             images = images_u8.to(device).float().div_(255)
             labels = labels.to(device)
             predictions = predict(model, images, a.max_batch, a.amp)
@@ -170,7 +151,7 @@ def extract(cfg: RunConfig) -> dict:
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.dataset)
     model, _, model_path = load_run_model(cfg, dataset, device)
-    probe = load_rows(dataset.test, 0, min(16, len(dataset.test)), 0)[0].float().div_(255)
+    probe = dataset.test.read(slice(0, 16)).float().div_(255)
     model = prepare_model(model, device, probe=probe)
     entries = cfg.attribution.entries()
     methods = {e.name: build_method(e, cfg.attribution.max_batch) for e in entries}

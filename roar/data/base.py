@@ -9,6 +9,7 @@ geometry an image is attributed at is the one it is ablated and retrained at.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,18 @@ class ImageSplit(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def read(self, rows: slice | Sequence[int] | torch.Tensor, num_workers: int = 0, pin_memory: bool = False):
+        """uint8 images [len(rows), C, H, W] of ``rows`` (a slice, or indices): indexed in memory
+        (a slice gives a view); decoded from disk in one batch by ``num_workers`` loader workers."""
+        if self.in_memory:
+            return self.images[rows if isinstance(rows, slice) else torch.as_tensor(rows)]
+        rows = list(range(len(self))[rows]) if isinstance(rows, slice) else [int(r) for r in rows]
+        subset = torch.utils.data.Subset(self, rows)
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=len(rows), num_workers=num_workers, pin_memory=pin_memory
+        )
+        return next(iter(loader))[0]
 
     def fingerprint(self) -> str:
         raise NotImplementedError

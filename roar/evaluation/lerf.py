@@ -29,7 +29,7 @@ from roar.attribution.engine import prepare_model
 from roar.attribution.extract import store_path
 from roar.attribution.store import AttributionStore
 from roar.config import RunConfig
-from roar.data import ImageSplit, build_dataset
+from roar.data import build_dataset
 from roar.device import resolve_device
 from roar.errors import RoarError
 from roar.evaluation.fills import build_fill
@@ -48,15 +48,6 @@ def subset(n: int, max_images: int | None, seed: int) -> torch.Tensor:
     if max_images is None or max_images >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
-
-
-def _images(split: ImageSplit, rows: torch.Tensor, num_workers: int) -> torch.Tensor:
-    """uint8 images of ``rows``: an index in memory, loader workers from disk."""
-    if split.in_memory:
-        return split.images[rows]
-    subset = torch.utils.data.Subset(split, rows.tolist())
-    loader = torch.utils.data.DataLoader(subset, batch_size=len(rows), num_workers=num_workers)
-    return next(iter(loader))[0]
 
 
 def _build_fill(cfg: RunConfig, mean):
@@ -123,10 +114,10 @@ def run(cfg: RunConfig) -> dict:
                 "add them to attribution.methods and rerun extract"
             )
     out = cfg.run_dir / "lerf"
-    guard_settings(out, _settings(cfg), "results.csv")
+    guard_settings(out, _settings(cfg), "perturbation curves")
     record_run(out, cfg, {"dataset": dataset.fingerprint(), "maps": str(path)}, device)
     rows = subset(len(split), lc.max_images, cfg.seed)
-    probe = _images(split, rows[: min(16, len(rows))], 0).float().div_(255)
+    probe = split.read(rows[: min(16, len(rows))]).float().div_(255)
     model = prepare_model(model, device, probe=probe)
     fill = _build_fill(cfg, dataset.mean)
 
@@ -142,7 +133,7 @@ def run(cfg: RunConfig) -> dict:
             bar.set_postfix_str(method)
             sums: dict[str, CurveSums] = {}
             for idx in batches:
-                images = _images(split, idx, cfg.training.num_workers).to(device).float().div_(255)
+                images = split.read(idx, cfg.training.num_workers).to(device).float().div_(255)
                 labels = split.labels[idx].to(device)
                 indices = idx.to(device)
                 maps = None

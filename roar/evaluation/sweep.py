@@ -205,7 +205,7 @@ def check_settings(out: Path, cfg: RunConfig) -> None:
         "roar": cfg.roar.model_dump(mode="json", include={"granularity", "fill", "epochs"}),
         "seed": cfg.seed,
     }
-    guard_settings(out, settings, "results.csv")
+    guard_settings(out, settings, "ROAR/KAR results")
 
 
 def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import re
 import time
 from collections import deque
@@ -107,17 +106,6 @@ def find_snapshots(folder: str | Path) -> list[Snapshot]:
             f"VoG needs at least 2 training snapshots, {folder} has {len(unique)} ({unique[0].name}); {RETRAIN}"
         )
     return unique
-
-
-def files_hash(paths: list[Path]) -> str:
-    """sha256 over the contents of ``paths`` in the given order (names included)."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _state_problem(model: nn.Module, state: dict) -> str | None:
@@ -276,14 +264,7 @@ class _Writes:
 def _images(split: ImageSplit, source, a: int, b: int, device: torch.device, workers: int) -> torch.Tensor:
     """Images [0, 1] float of rows [a, b) on ``device``: a slice of the (pinned) uint8 tensor in memory,
     loader workers from disk."""
-    if source is not None:
-        batch = source[a:b]
-    else:
-        subset = torch.utils.data.Subset(split, range(a, b))
-        loader = torch.utils.data.DataLoader(
-            subset, batch_size=b - a, num_workers=workers, pin_memory=pin_memory(device)
-        )
-        batch = next(iter(loader))[0]
+    batch = source[a:b] if source is not None else split.read(slice(a, b), workers, pin_memory(device))
     return batch.to(device, non_blocking=True).float().div_(255)
 
 

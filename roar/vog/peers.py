@@ -23,7 +23,6 @@ chunks without one.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -32,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roar.atomic import replace_atomic, write_text_atomic
-from roar.errors import RoarError
+from roar.atomic import replace_atomic
+from roar.provenance import guard_settings
 
 SNAPSHOT_KEYS = ("p_true", "correct", "el2n")  # what every snapshot records
 GRAND = "grand"
@@ -128,25 +127,13 @@ def peer_scores(per_snapshot: dict[str, np.ndarray], el2n_at: int, grand: np.nda
 class PeerCache:
     """The per-snapshot peer arrays of one split under ``folder``, resumable chunk by chunk.
 
-    ``identity`` (snapshot hash, dataset fingerprint, size) is written on first use; a cache made
-    from other snapshots or data is refused rather than mixed in.
+    ``identity`` (snapshot hash, dataset fingerprint, size) is recorded on first use
+    (``guard_settings``); a cache made from other snapshots or data is refused rather than mixed in.
     """
 
     def __init__(self, folder: Path, identity: dict, n: int, chunk_rows: int):
         self.folder, self.n, self.chunk_rows = Path(folder), int(n), int(chunk_rows)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / "identity.json"
-        identity = json.loads(json.dumps(identity, sort_keys=True))
-        if path.exists():
-            stored = json.loads(path.read_text())
-            changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
-            if changed:
-                raise RoarError(
-                    f"{self.folder} holds peer scores of other snapshots or data (differs in: {', '.join(changed)}); "
-                    "delete it or use another output_dir"
-                )
-        else:
-            write_text_atomic(path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        guard_settings(self.folder, identity, "peer scores")
 
     def _final(self, snapshot: str) -> Path:
         return self.folder / f"{snapshot}.npz"

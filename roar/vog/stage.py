@@ -24,7 +24,7 @@ from roar.config import RunConfig, VogConfig
 from roar.data import TAGS, Dataset, ImageSplit, build_dataset
 from roar.device import resolve_device
 from roar.errors import RoarError
-from roar.provenance import record_run, write_json
+from roar.provenance import file_hash, record_run, write_json
 from roar.tables import format_value, write_csv
 from roar.training import load_run_model
 from roar.vog import analysis as A
@@ -32,7 +32,6 @@ from roar.vog.gradients import (
     PeerPlan,
     Snapshot,
     compute_split,
-    files_hash,
     find_snapshots,
     gradient_path,
     open_gradients,
@@ -232,7 +231,7 @@ def run(cfg: RunConfig) -> dict:
     k = len(snapshots)
     stages = resolve_stages(vc.stages, k)
     el2n_at = el2n_position(vc, stages, k)
-    model_hash = files_hash([s.path for s in snapshots] + [model_path])
+    model_hash = file_hash(*[s.path for s in snapshots], model_path)
     out = cfg.run_dir / "vog"
     record_run(out, cfg, {"dataset": dataset.fingerprint(), "snapshots_and_model": model_hash}, device)
     plan = PeerPlan(vc.peers, el2n_at if vc.peers and vc.grand else None)

@@ -14,13 +14,13 @@ the distance to a hard-coded line; here the distance is to the trained model's o
 (``boundary_distance``), and the agreement is one number, Spearman's ρ (negative when the claim
 holds). With the defaults (seed 0, 100 epochs) the whole run takes a few seconds on one CPU core.
 
-Outputs in ``out``: ``boundary.png``, ``vog_vs_distance.png``, ``scores.csv`` and ``summary.json``.
+Outputs in ``out``: ``boundary.png``, ``vog_vs_distance.png``, ``scores.csv``, ``summary.json`` and
+``provenance.json``.
 """
 
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-import roar
 from roar.errors import RoarError
 from roar.models.base import Classifier
 from roar.models.mlp import MLP
 from roar.plots import pyplot, save_figure
-from roar.provenance import git_commit, write_json
+from roar.provenance import run_info, write_json
 from roar.tables import write_csv
 from roar.vog import analysis as A
 from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
@@ -421,10 +420,7 @@ def run_toy(
         "boundary_grid": {"bounds": bounds, "resolution": resolution},
         "seconds": round(time.perf_counter() - t0, 2),
         "output": str(out),
-        "roar_version": roar.__version__,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
     }
     write_json(out / "summary.json", summary)
+    write_json(out / "provenance.json", run_info(seed, {}, torch.device("cpu")))
     return summary
