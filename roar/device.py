@@ -40,3 +40,23 @@ def memory_format(device: torch.device, channels_last: bool = True) -> torch.mem
 
 def pin_memory(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device = torch.device("cpu")):
+    """Run CPU work with one intra-op thread, restoring the setting afterwards (process-wide, like
+    ``torch.set_num_threads`` itself); on an accelerator, nothing changes.
+
+    For long sequences of small operations (the ROAD solver, the VoG toy's 450 × 16 tensors): split
+    over threads they gain little, and when another process occupies a core every operation waits
+    at a barrier for the descheduled thread (measured on 2 shared cores: 50–100× slower).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

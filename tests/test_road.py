@@ -321,3 +321,18 @@ def test_the_road_fill_config():
         build_fill("road", fallback=[0.5, 2.0, 0.5])
     with pytest.raises(RoarError, match="unknown key 'nosie'"):
         build_fill("road", nosie=0.1)
+
+
+def test_the_solve_runs_on_one_cpu_thread_and_restores_the_setting(monkeypatch):
+    import roar.perturb.road as road
+
+    seen = []
+    original = road._impute
+    monkeypatch.setattr(road, "_impute", lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        road_impute(images(), random_mask(0.5), noise=0)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -50,18 +50,18 @@ passes plus two per-plane sums, and the noise a draw per pixel (~25 passes' wort
 bound by memory traffic. Iterations at 32×32: ~4 for random 10 % masks, ~9 at 50 %, ~23 at 90 %; at
 224×224 ~5, ~12, ~32, and ~190 for one 168×168 hole. ``docs/benchmarks.md`` (section "ROAD
 imputation") compares the speed with a per-image scipy solve. On the CPU the solve runs on one
-intra-op thread (see ``_one_cpu_thread``).
+intra-op thread (see ``roar.device.one_cpu_thread``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from roar.device import one_cpu_thread
 from roar.errors import RoarError
 
 NOISE = 0.01
@@ -117,7 +117,7 @@ def road_impute(
     if noise < 0 or not math.isfinite(noise):
         raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise}")
     mask, values = _arguments(images, removed, fallback, rtol)
-    with _one_cpu_thread(images.device):
+    with one_cpu_thread(images.device):
         out = _gaussian(images, generator) if noise > 0 else _empty(images)
         _impute(images, mask, values, out, noise, rtol, max_iter)
     return out
@@ -133,7 +133,7 @@ def linear_impute(
 ) -> torch.Tensor:
     """The noise-free part of ``road_impute``: the removed pixels solved, every other value unchanged."""
     mask, values = _arguments(images, removed, fallback, rtol)
-    with _one_cpu_thread(images.device):
+    with one_cpu_thread(images.device):
         out = _empty(images)
         _impute(images, mask, values, out, 0.0, rtol, max_iter)
     return out
@@ -181,26 +181,6 @@ def _arguments(images: torch.Tensor, removed: torch.Tensor, fallback, rtol: floa
             f"got {tuple(removed.shape)}"
         )
     return removed.view(torch.uint8), _fallback(fallback, c)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run CPU work with one intra-op thread, restoring the setting afterwards (process-wide, like
-    ``torch.set_num_threads`` itself).
-
-    The solver is a long sequence of small memory-bound operations. Split over threads they gain
-    little, and when another process occupies a core every operation waits at a barrier for the
-    descheduled thread: measured on 2 shared cores, 2 threads ran 50–100× slower than 1.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 _cache = threading.local()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from roar.device import one_cpu_thread
 from roar.errors import RoarError
 from roar.models.base import Classifier
 from roar.models.mlp import MLP
@@ -114,12 +115,8 @@ def train_toy(data: ToyData, split: str, epochs: int, seed: int, lr: float = LR)
     the same seed write the same scores. The weights are drawn after ``torch.manual_seed(seed)``
     inside ``fork_rng``, so the caller's global RNG state is restored afterwards.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of 450 × 16: extra threads only contend for the cores
-    try:
+    with one_cpu_thread():
         return _train(data, split, epochs, seed, lr)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(data: ToyData, split: str, epochs: int, seed: int, lr: float) -> tuple[Classifier, np.ndarray]:
