@@ -44,7 +44,11 @@ class AugmentConfig(Section):
     """Train-time augmentation, applied after any ablation and before normalisation."""
 
     crop_padding: int = Field(4, ge=0, description="random crop of the image padded by this many pixels (0: off)")
-    flip: bool = True
+    flip: bool | Literal["alternating"] = Field(
+        True,
+        description="left-right flips: true (each image at random every epoch), false, or alternating (each image "
+        "flipped on every other epoch, from a random first choice: every image is seen both ways within two epochs)",
+    )
 
 
 class SnapshotConfig(Section):
@@ -56,7 +60,22 @@ class SnapshotConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="also snapshot every this many optimiser steps")
 
 
+class LookaheadConfig(Section):
+    """Lookahead (Zhang et al., NeurIPS 2019): every ``every`` steps the slow weights move ``alpha`` of the
+    way to the fast ones and the fast weights restart from them."""
+
+    every: int = Field(5, ge=1)
+    alpha: float = Field(0.5, gt=0, le=1)
+
+
 class TrainingConfig(Section):
+    """How a classifier is trained: ``training`` for the base model, ``roar.training`` for retraining.
+
+    ``recipe`` names a preset of ``roar.training.recipes.RECIPES`` (``fast``, ``seed``); keys given beside
+    it override the preset's, so ``{recipe: fast, epochs: 5}`` is the fast recipe for five epochs.
+    """
+
+    recipe: str | None = Field(None, description="a named preset (fast, seed); other keys override its values")
     epochs: int = Field(
         30, ge=0, description="0: no training, the model as built (e.g. pretrained weights) is evaluated and saved"
     )
@@ -66,10 +85,38 @@ class TrainingConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="decay per step of an exponential moving average of the weights, which "
+        "is then evaluated and saved (null: off)",
+    )
+    lookahead: LookaheadConfig | None = Field(None, description="Lookahead on the weights (null: off)")
+    bn_momentum: float | None = Field(
+        None, gt=0, le=1, description="BatchNorm running-statistics momentum (PyTorch's convention; null: the model's)"
+    )
+    bn_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of BatchNorm weights and biases")
+    whiten_init: bool = Field(
+        False, description="initialise the first convolution with the whitening filters of training-image patches"
+    )
+    tta: Literal["none", "flip"] = Field(
+        "none",
+        description="test-time augmentation of the test accuracy: flip "
+        "averages the logits of the image and its mirror image",
+    )
+    eval_every: int = Field(1, ge=0, description="test accuracy every this many epochs (0: only at the end)")
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format (faster on CUDA and on the CPU)")
     num_workers: int = Field(4, ge=0, description="loader workers for datasets streamed from disk")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        from roar.training.recipes import apply_recipe
+
+        return apply_recipe(data)
 
 
 DEFAULT_METHODS = [

@@ -10,12 +10,17 @@ import torch
 
 
 def random_crop_flip(
-    images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator, *aligned: torch.Tensor
+    images: torch.Tensor,
+    padding: int,
+    flip: bool | torch.Tensor,
+    generator: torch.Generator,
+    *aligned: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """Crop every image of ``images`` [B, C, H, W] at a random offset after zero padding, and flip
-    half of them left-right. Tensors in ``aligned`` ([B, ..., H, W], e.g. masks) get exactly the
-    same crop and flip, so an image and its mask stay registered. Random draws come from
-    ``generator`` on the CPU, so results do not depend on the device.
+    half of them left-right (``flip=True``), or exactly those where ``flip`` (bool [B]) is set.
+    Tensors in ``aligned`` ([B, ..., H, W], e.g. masks) get exactly the same crop and flip, so an
+    image and its mask stay registered. Random draws come from ``generator`` on the CPU, so results
+    do not depend on the device.
     """
     b, _, h, w = images.shape
     tensors = (images, *aligned)
@@ -32,7 +37,8 @@ def random_crop_flip(
             out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # [B, H, W, K]
             cropped.append(out.permute(0, 3, 1, 2).reshape(b, *lead, h, w))
         tensors = tuple(cropped)
-    if flip:
-        mirror = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    if isinstance(flip, torch.Tensor) or flip:
+        mirror = flip if isinstance(flip, torch.Tensor) else torch.rand(b, generator=generator) < 0.5
+        mirror = mirror.to(images.device)
         tensors = tuple(torch.where(mirror.view(b, *([1] * (t.ndim - 1))), t.flip(-1), t) for t in tensors)
     return tuple(t.contiguous() for t in tensors)

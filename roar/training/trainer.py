@@ -26,20 +26,35 @@ from roar.errors import RoarError
 from roar.models import Classifier, build_model
 from roar.provenance import record_run, write_json
 from roar.training.augment import random_crop_flip
+from roar.training.averaging import Lookahead, WeightEMA
 from roar.training.checkpoint import load_checkpoint, save_atomic
 from roar.training.sources import source_for
+from roar.training.whitening import whiten_first_conv
 
 # ---------------------------------------------------------------- optimisation
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.GroupNorm | torch.nn.LayerNorm)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimiser of ``cfg``; with ``bn_lr_scale`` != 1, normalisation weights and biases form a
+    second parameter group with the scaled learning rate (the schedule scales both alike)."""
     o = cfg.optimizer
+    norm = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.bn_lr_scale != 1 and norm:
+        groups = [
+            {"params": [p for p in params if id(p) not in norm]},
+            {"params": [p for p in params if id(p) in norm], "lr": o.lr * cfg.bn_lr_scale},
+        ]
+    else:
+        groups = [{"params": params}]
     if o.name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-        )
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_per_epoch: int):
@@ -51,7 +66,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if s.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.optimizer.lr, total_steps=total, pct_start=s.warmup_fraction, anneal_strategy="linear"
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total,
+            pct_start=s.warmup_fraction,
+            anneal_strategy="linear",
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -66,22 +85,34 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 @torch.no_grad()
 def evaluate(
-    model: Classifier, source, batch_size: int, device: torch.device, amp: bool = True, channels_last: bool = True
+    model: Classifier,
+    source,
+    batch_size: int,
+    device: torch.device,
+    amp: bool = True,
+    channels_last: bool = True,
+    tta: str = "none",
 ):
-    """Accuracy, mean loss and the predictions [N] (on the CPU, in index order) of ``source``."""
+    """Accuracy, mean loss and the predictions [N] (on the CPU, in index order) of ``source``.
+
+    ``tta="flip"`` averages the logits of each image and its mirror image.
+    """
     model.eval()
     predictions = torch.empty(len(source), dtype=torch.int64)
-    correct, loss_sum = 0, 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     fmt = memory_format(device, channels_last)
     for images, labels, idx in source.batches(batch_size):
         with autocast(device, amp):
             logits = model(images.contiguous(memory_format=fmt)).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            if tta == "flip":
+                logits = (logits + model(images.flip(-1).contiguous(memory_format=fmt)).float()) / 2
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         pred = logits.argmax(1)
-        correct += (pred == labels).sum().item()
+        correct += (pred == labels).sum()
         predictions[idx] = pred.cpu()
     n = max(len(source), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}, predictions
+    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}, predictions
 
 
 @dataclass
@@ -99,6 +130,43 @@ class Snapshots:
         save_atomic({"model": model.state_dict(), "epoch": epoch, "step": step}, self.directory / f"{tag}.pt")
 
 
+class Averages:
+    """The weight averages a recipe keeps (EMA, Lookahead), updated after every optimiser step."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainingConfig):
+        self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+        self.lookahead = Lookahead(model, cfg.lookahead.every, cfg.lookahead.alpha) if cfg.lookahead else None
+
+    def update(self, model: torch.nn.Module) -> None:
+        if self.lookahead is not None:
+            self.lookahead.update(model)
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """End of training: the fast weights take the Lookahead's last step (if one is pending)."""
+        if self.lookahead is not None and self.lookahead.steps % self.lookahead.every:
+            self.lookahead.finish(model)
+
+    def evaluated(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network whose accuracy is reported and which is saved: the EMA if kept, else ``model``."""
+        return self.ema.model if self.ema is not None else model
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in (("ema", self.ema), ("lookahead", self.lookahead)) if part}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in (("ema", self.ema), ("lookahead", self.lookahead)):
+            if part is not None:
+                part.load_state_dict(state[name])
+
+
+def flip_choices(n: int, seed: int) -> torch.Tensor:
+    """bool [n]: whether each example is flipped on odd epochs under ``augment.flip: alternating``
+    (even epochs flip the others); drawn once per run from ``seed``."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 - 1)) < 0.5
+
+
 def train_one_epoch(
     model,
     source,
@@ -110,31 +178,56 @@ def train_one_epoch(
     step: int,
     snapshots=None,
     epoch: int = 0,
+    averages: Averages | None = None,
+    flips: torch.Tensor | None = None,
 ):
+    """One pass over ``source``. ``flips`` (bool [N], with ``augment.flip: alternating``) flips each
+    example on odd epochs and its complement on even ones."""
     model.train()
     fmt = memory_format(device, cfg.channels_last)
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     lr = optimizer.param_groups[0]["lr"]
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
-    for i, (images, labels, _) in enumerate(source.batches(cfg.batch_size, generator, drop_last=True)):
-        images = random_crop_flip(images, cfg.augment.crop_padding, cfg.augment.flip, generator)[0]
+    for i, (images, labels, idx) in enumerate(source.batches(cfg.batch_size, generator, drop_last=True)):
+        flip = cfg.augment.flip is True
+        if cfg.augment.flip == "alternating":
+            flip = (flips[idx] ^ (epoch % 2 == 0)).to(images.device)
+        images = random_crop_flip(images, cfg.augment.crop_padding, flip, generator)[0]
         with autocast(device, cfg.amp):
             logits = model(images.contiguous(memory_format=fmt))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if averages is not None:
+            averages.update(model)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         scheduler.step()
         step += 1
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
         if snapshots is not None and snapshots.every_steps and step % snapshots.every_steps == 0:
             snapshots.save(model, epoch - 1 + (i + 1) / steps_per_epoch, step, f"step_{step:07d}")
+    loss_sum = loss_sum.item()
     if not math.isfinite(loss_sum):
         raise RoarError(f"training diverged in epoch {epoch} (loss is not finite): lower training.optimizer.lr")
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": lr}, step
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1), "lr": lr}, step
+
+
+def prepare(model: Classifier, source, cfg: TrainingConfig, seed: int) -> None:
+    """What a recipe does to a freshly built model before its first step: BatchNorm momentum and the
+    whitening initialisation of the first convolution (from up to 5000 training images, drawn with
+    a generator of their own so the epochs' random streams are untouched)."""
+    if cfg.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
+    if cfg.whiten_init:
+        images = next(iter(source.batches(min(len(source), 5000), torch.Generator().manual_seed(seed))))[0]
+        whiten_first_conv(model.net, (images - model.mean.view(1, -1, 1, 1)) / model.std.view(1, -1, 1, 1))
 
 
 # ---------------------------------------------------------------- a whole training run
@@ -153,43 +246,56 @@ def fit(
 ):
     """Train ``model`` on ``train_source`` for ``cfg.epochs``, resuming from ``out_dir/last.pt``.
 
-    Writes ``metrics.jsonl`` (one line per epoch), ``last.pt`` (every epoch, atomic),
-    ``model.pt`` and ``summary.json`` at the end, and snapshots under ``snapshots/``.
-    ``fingerprint`` identifies what is being trained; a checkpoint made for anything else is
-    refused rather than silently continued.
+    Writes ``metrics.jsonl`` (one line per epoch: train loss and accuracy, test loss and accuracy
+    every ``eval_every`` epochs, cumulative ``train_seconds`` without evaluation and ``seconds`` with
+    it), ``last.pt`` (every epoch, atomic), and snapshots under ``snapshots/``. ``fingerprint``
+    identifies what is being trained; a checkpoint made for anything else is refused rather than
+    silently continued. With ``cfg.ema`` the averaged weights are copied into ``model`` at the end:
+    the returned model is the one evaluated.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint or {}
     model.to(device=device, memory_format=memory_format(device, cfg.channels_last))
+    last = out_dir / "last.pt"
+    state = load_checkpoint(last, device) if last.exists() else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        changed = sorted(
+            k
+            for k in set(fingerprint) | set(state.get("fingerprint", {}))
+            if fingerprint.get(k) != state.get("fingerprint", {}).get(k)
+        )
+        raise RoarError(
+            f"{last} was written by a different setup (differs in: {', '.join(changed) or 'unknown'}); "
+            "choose another output_dir or rerun with --restart"
+        )
+    if state is None:
+        prepare(model, train_source, cfg, seed)
+    else:
+        prepare(model, train_source, cfg.model_copy(update={"whiten_init": False}), seed)  # the weights are loaded
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = max(len(train_source) // cfg.batch_size, 1) if len(train_source) > cfg.batch_size else 1
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    averages = Averages(model, cfg)
+    flips = flip_choices(len(train_source), seed) if cfg.augment.flip == "alternating" else None
     snapshots = Snapshots(
         out_dir / "snapshots",
         cfg.snapshots.epochs if cfg.snapshots.epochs == "all" else set(cfg.snapshots.epochs),
         cfg.snapshots.every_steps,
     )
 
-    start_epoch, step, elapsed = 0, 0, 0.0
-    last = out_dir / "last.pt"
-    if last.exists():
-        state = load_checkpoint(last, device)
-        if state.get("fingerprint") != fingerprint:
-            changed = sorted(
-                k
-                for k in set(fingerprint) | set(state.get("fingerprint", {}))
-                if fingerprint.get(k) != state.get("fingerprint", {}).get(k)
-            )
-            raise RoarError(
-                f"{last} was written by a different setup (differs in: {', '.join(changed) or 'unknown'}); "
-                "choose another output_dir or rerun with --restart"
-            )
+    start_epoch, step, elapsed, trained = 0, 0, 0.0, 0.0
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        averages.load_state_dict(state.get("averages", {}))
         start_epoch, step, elapsed = state["epoch"], state["step"], state["seconds"]
+        trained = state.get("train_seconds", elapsed)
     _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
+
+    def test(net):
+        return evaluate(net, test_source, cfg.eval_batch_size, device, cfg.amp, cfg.channels_last, cfg.tta)
 
     bar = tqdm(
         range(start_epoch + 1, cfg.epochs + 1),
@@ -200,49 +306,69 @@ def fit(
         disable=None,
         leave=False,
     )
+    final = None
     for epoch in bar:
         t0 = time.perf_counter()
         train_metrics, step = train_one_epoch(
-            model, train_source, optimizer, scheduler, cfg, epoch_generator(seed, epoch), device, step, snapshots, epoch
+            model,
+            train_source,
+            optimizer,
+            scheduler,
+            cfg,
+            epoch_generator(seed, epoch),
+            device,
+            step,
+            snapshots,
+            epoch,
+            averages,
+            flips,
         )
-        test_metrics, _ = evaluate(model, test_source, cfg.eval_batch_size, device, cfg.amp, cfg.channels_last)
+        if epoch == cfg.epochs:
+            averages.finish(model)
+        trained += time.perf_counter() - t0
+        row = {"epoch": epoch, "step": step, **train_metrics}
+        if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+            final = test(averages.evaluated(model))
+            row.update(test_loss=final[0]["loss"], test_accuracy=final[0]["accuracy"])
         elapsed += time.perf_counter() - t0
-        row = {
-            "epoch": epoch,
-            "step": step,
-            **train_metrics,
-            "test_loss": test_metrics["loss"],
-            "test_accuracy": test_metrics["accuracy"],
-            "seconds": round(elapsed, 2),
-        }
+        row.update(train_seconds=round(trained, 2), seconds=round(elapsed, 2))
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if snapshots.at_epoch(epoch):
-            snapshots.save(model, epoch, step, f"epoch_{epoch:04d}")
+            snapshots.save(averages.evaluated(model), epoch, step, f"epoch_{epoch:04d}")
         save_atomic(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "averages": averages.state_dict(),
                 "epoch": epoch,
                 "step": step,
                 "seconds": elapsed,
+                "train_seconds": trained,
                 "fingerprint": fingerprint,
             },
             last,
         )
-        bar.set_postfix(loss=f"{train_metrics['train_loss']:.3f}", test_acc=f"{test_metrics['accuracy']:.3f}")
+        postfix = {"loss": f"{train_metrics['train_loss']:.3f}"}
+        if "test_accuracy" in row:
+            postfix["test_acc"] = f"{row['test_accuracy']:.3f}"
+        bar.set_postfix(postfix)
     bar.close()
 
-    final, predictions = evaluate(model, test_source, cfg.eval_batch_size, device, cfg.amp, cfg.channels_last)
+    if averages.ema is not None:
+        model.load_state_dict(averages.ema.model.state_dict())
+    if final is None:  # resumed after the last epoch, or no epochs at all
+        final = test(model)
     summary = {
-        "test_accuracy": final["accuracy"],
-        "test_loss": final["loss"],
+        "test_accuracy": final[0]["accuracy"],
+        "test_loss": final[0]["loss"],
         "epochs": cfg.epochs,
         "steps": step,
         "seconds": round(elapsed, 2),
+        "train_seconds": round(trained, 2),
     }
-    return summary, predictions
+    return summary, final[1]
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
