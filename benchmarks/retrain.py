@@ -40,6 +40,7 @@ from roar.data import TensorSplit, build_dataset
 from roar.device import memory_format
 from roar.evaluation.fills import build_fill
 from roar.evaluation.retrain_data import ablated_source
+from roar.evaluation.sweep import retraining_recipe
 from roar.models import build_model
 from roar.training.sources import InMemorySource
 from roar.training.trainer import epoch_generator, make_optimizer, make_scheduler, train_one_epoch
@@ -141,8 +142,7 @@ def check_paths_agree(in_memory, streaming, batch_size: int) -> tuple[int, bool]
 
 def measure(s: Settings, log) -> dict:
     cfg = load_config(CONFIG, ["device=cpu"])
-    if cfg.roar.epochs is not None:  # the schedule a retraining run uses
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": cfg.roar.epochs})})
+    cfg = cfg.model_copy(update={"training": retraining_recipe(cfg)})  # the recipe a retraining run uses
     device = torch.device("cpu")
     t0 = time.perf_counter()
     dataset = build_dataset(cfg.dataset)

@@ -62,7 +62,8 @@ def cmd_evaluate(args) -> str:
     modes = ["roar", "kar"] if args.mode == "both" else [args.mode]
     s = evaluate(cfg, modes, args.shard)
     return (
-        f"{'/'.join(modes)}: ran {s['ran']} of {s['runs']} retraining runs in {s['seconds']:.0f} s; "
+        f"{'/'.join(modes)}: ran {s['ran']} of {s['runs']} retraining runs ({s['recipe']} recipe, "
+        f"{s['epochs']} epochs each) in {s['seconds']:.0f} s; "
         f"results, summary and plot -> {s['output']}"
     )
 

@@ -181,7 +181,12 @@ class AttributionConfig(Section):
     """``roar extract``: which maps to compute for which splits, and how to store them."""
 
     methods: list[Any] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    splits: list[Literal["train", "test"]] = Field(default_factory=lambda: ["train", "test"])
+    splits: list[Literal["train", "test"]] | dict[Literal["train", "test"], list[str] | Literal["all"]] = Field(
+        default_factory=lambda: ["train", "test"],
+        description="splits to extract every method for, or a mapping split -> the method names to extract "
+        "for it ('all': every method), e.g. {test: all, train: [gradient, random]} when only the curves "
+        "(test split) need every method and ROAR/KAR (both splits) only some",
+    )
     target: Literal["predicted", "label"] = Field("predicted", description="class whose logit is attributed")
     reduction: Literal["sum_squares", "sum_abs", "max_abs", "none"] = "sum_squares"
     batch_size: int = Field(128, ge=1, description="images per extraction batch")
@@ -203,8 +208,27 @@ class AttributionConfig(Section):
             raise ValueError(f"method names must be unique; repeated: {', '.join(duplicates)}")
         return methods
 
-    def entries(self) -> list[MethodEntry]:
-        return [_method_entry(i, raw) for i, raw in enumerate(self.methods)]
+    @model_validator(mode="after")
+    def _split_methods_exist(self) -> AttributionConfig:
+        if isinstance(self.splits, dict):
+            names = [e.name for e in self.entries()]
+            for split, chosen in self.splits.items():
+                unknown = [m for m in (names if chosen == "all" else chosen) if m not in names]
+                if unknown:
+                    raise ValueError(
+                        f"splits.{split}: {', '.join(unknown)} not among the methods{closest(unknown[0], names)}; "
+                        f"the methods are {', '.join(names)}"
+                    )
+        return self
+
+    def entries(self, split: str | None = None) -> list[MethodEntry]:
+        """The method entries, all of them or those extracted for ``split``."""
+        entries = [_method_entry(i, raw) for i, raw in enumerate(self.methods)]
+        chosen = self.splits.get(split, []) if isinstance(self.splits, dict) and split else "all"
+        return entries if chosen == "all" else [e for e in entries if e.name in chosen]
+
+    def split_names(self) -> list[str]:
+        return list(self.splits)
 
 
 class RoarConfig(Section):
@@ -215,12 +239,36 @@ class RoarConfig(Section):
     seeds: int = Field(3, ge=1, description="retraining seeds per (method, threshold)")
     granularity: Literal["pixel", "element"] = "pixel"
     fill: dict[str, Any] = Field(default_factory=lambda: {"name": "mean"}, description="fill and its parameters")
-    epochs: int | None = Field(None, ge=1, description="retraining epochs; default: training.epochs (the base recipe)")
+    training: TrainingConfig | Literal["base"] = Field(
+        default_factory=lambda: TrainingConfig.model_validate({"recipe": "fast"}),
+        description="the retraining recipe: a training section, the fast recipe unless it names another "
+        "(recipe: seed) or none (recipe: null); 'base' retrains with the base model's own training section",
+    )
     streaming: bool | None = Field(
         None, description="read maps from disk with loader workers; default: in memory when it fits"
     )
     num_workers: int = Field(2, ge=0)
-    leakage: bool = Field(False, description="also train on the binary removal mask alone (chance = 1/#classes)")
+    leakage: bool | list[float] = Field(
+        False,
+        description="also train on the binary removal mask alone (chance = 1/#classes): true at every "
+        "threshold, or a list of thresholds",
+    )
+
+    @field_validator("training", mode="before")
+    @classmethod
+    def _fast_by_default(cls, training: Any) -> Any:
+        """A retraining section that names no recipe starts from the fast one."""
+        if isinstance(training, dict) and "recipe" not in training:
+            return {"recipe": "fast", **training}
+        return training
+
+    def leakage_removed(self, modes: list[str]) -> list[float]:
+        """Percentages of pixels removed by the masks the leakage diagnostic trains on. KAR keeping the
+        top t% removes exactly the complement of ROAR's top (100 - t)%, and a network learns the same
+        from a mask as from its complement, so each distinct removed share is trained once."""
+        wanted = self.thresholds if self.leakage is True else (self.leakage or [])
+        removed = {float(t) for t in wanted if "roar" in modes} | {100.0 - t for t in wanted if "kar" in modes}
+        return sorted(removed)
 
     @field_validator("thresholds")
     @classmethod
@@ -229,6 +277,15 @@ class RoarConfig(Section):
         if bad or not thresholds:
             raise ValueError(f"thresholds are percentages strictly between 0 and 100, got {bad or thresholds}")
         return thresholds
+
+    @field_validator("leakage")
+    @classmethod
+    def _leakage_percentages(cls, leakage: bool | list[float]) -> bool | list[float]:
+        if isinstance(leakage, list):
+            bad = [t for t in leakage if not 0 < t < 100]
+            if bad or not leakage:
+                raise ValueError(f"leakage thresholds are percentages strictly between 0 and 100, got {bad or leakage}")
+        return leakage
 
     @field_validator("fill")
     @classmethod

@@ -72,13 +72,16 @@ def run_info(seed: int, inputs: dict[str, str], device: torch.device | None = No
     }
 
 
-def record_run(stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch.device | None = None) -> dict:
-    """Write ``config.yaml`` and ``provenance.json`` into ``stage_dir``; returns the provenance."""
+def record_run(
+    stage_dir: str | Path, cfg, inputs: dict[str, str], device: torch.device | None = None, **extra: Any
+) -> dict:
+    """Write ``config.yaml`` and ``provenance.json`` (with any ``extra`` entries, e.g. the retraining
+    recipe a sweep used) into ``stage_dir``; returns the provenance."""
     from roar.config import dump_config
 
     stage_dir = Path(stage_dir)
     write_text_atomic(stage_dir / "config.yaml", dump_config(cfg))
-    info = run_info(cfg.seed, inputs, device)
+    info = {**run_info(cfg.seed, inputs, device), **extra}
     write_json(stage_dir / "provenance.json", info)
     return info
 

@@ -19,6 +19,7 @@ EXPECTED = {
         "max relative difference 0.0e+00",  # streamed VoG equals the formula on the dequantised array
     ],
     "road": ["## ROAD imputation", "| 32×32×3 | 10% |", "| 32×32×3 | 90% |", "| 224×224×3 | 50% |"],
+    "recipes": ["## Training recipes: time to accuracy", "| fast |", "retrainings", "PFLOPs"],
 }
 
 

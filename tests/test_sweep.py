@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import run_copy
@@ -33,7 +35,7 @@ def test_shards_partition_the_plan_with_no_overlap_and_no_gap():
 
 def test_methods_missing_from_the_store_are_named():
     cfg = load_config(None, ["roar.methods=[gradient, vargrad]"])
-    with pytest.raises(RoarError, match="vargrad not in the attribution store"):
+    with pytest.raises(RoarError, match="vargrad not in both attribution stores"):
         plan(cfg, ["roar"], ["gradient", "random"])
 
 
@@ -70,7 +72,12 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
         trained_run,
         tmp_path,
         "sweep",
-        ["attribution.methods=[ground_truth, random]", "roar.thresholds=[50]", "roar.seeds=1", "roar.epochs=1"],
+        [
+            "attribution.methods=[ground_truth, random]",
+            "roar.thresholds=[50]",
+            "roar.seeds=1",
+            "roar.training.epochs=1",
+        ],
     )
     out = cfg.run_dir
     extract(cfg)
@@ -90,8 +97,11 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
         assert (out / "roar" / name).exists(), name
     assert "ground_truth" in (out / "roar" / "summary.md").read_text()
     assert not (out / "roar" / "runs").exists() or not any((out / "roar" / "runs").iterdir())
-    other = load_config(REPO / "configs" / "smoke.yaml", [*sets, "roar.epochs=2"])
-    with pytest.raises(RoarError, match="differs in: roar"):
+    other = load_config(REPO / "configs" / "smoke.yaml", [*sets, "roar.training.epochs=2"])
+    provenance = json.loads((out / "roar" / "provenance.json").read_text())
+    assert provenance["retraining_recipe"]["name"] == "fast"
+    assert provenance["retraining_recipe"]["epochs"] == 1 and provenance["retraining_recipe"]["whiten_init"]
+    with pytest.raises(RoarError, match="differs in: recipe"):
         evaluate(other, ["roar"])
 
 
@@ -108,10 +118,16 @@ def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):
     ]
     cfg, _ = run_copy(trained_run, tmp_path, "leak", overrides)
     runs = plan(cfg, ["roar"], ["ground_truth"])
-    assert [r.mode for r in runs].count("leak_roar") == 1  # one seed only
+    assert [(r.mode, r.threshold) for r in runs].count(("leak", 30.0)) == 1  # one seed only
+    # KAR keeping the top 70% removes exactly ROAR's 30% complement: one leakage run serves both.
+    symmetric = cfg.model_copy(update={"roar": cfg.roar.model_copy(update={"thresholds": [30, 70]})})
+    leaks = [r for r in plan(symmetric, ["roar", "kar"], ["ground_truth"]) if r.mode == "leak"]
+    assert leaks == [Run("leak", "ground_truth", 30.0, 0), Run("leak", "ground_truth", 70.0, 0)]
+    kar_only = cfg.model_copy(update={"roar": cfg.roar.model_copy(update={"leakage": [10, 30]})})
+    assert [r.threshold for r in plan(kar_only, ["kar"], ["ground_truth"]) if r.mode == "leak"] == [70.0, 90.0]
     extract(cfg)
     dataset = build_dataset(cfg.dataset)
-    train, _ = _sources(cfg, dataset, Run("leak_roar", "ground_truth", 30.0, 0), "cpu")
+    train, _ = _sources(cfg, dataset, Run("leak", "ground_truth", 30.0, 0), "cpu")
     images, labels, idx = next(train.batches(16))
     masks = dataset.train.masks[idx] == 1
     assert set(images.unique().tolist()) <= {0.0, 1.0}
@@ -127,9 +143,9 @@ def test_training_augments_the_ablated_images_and_evaluation_does_not(trained_ru
     """Loader order: ablation → augmentation → normalisation (inside the model); test set unaugmented."""
     import roar.training.trainer as trainer
     from roar.data import build_dataset
-    from roar.evaluation.sweep import Run, retrain
+    from roar.evaluation.sweep import Run, retrain, retraining_recipe
 
-    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.epochs=1"]
+    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.training.epochs=1"]
     cfg, _ = run_copy(trained_run, tmp_path, "order", overrides)
     extract(cfg)
     dataset = build_dataset(cfg.dataset)
@@ -143,7 +159,8 @@ def test_training_augments_the_ablated_images_and_evaluation_does_not(trained_ru
 
     monkeypatch.setattr(trainer, "random_crop_flip", recording)
     retrain(cfg, dataset, Run("roar", "ground_truth", 50.0, 0), tmp_path / "run", torch.device("cpu"))
-    assert len(seen) == len(dataset.train.images) // cfg.training.batch_size, "only training batches are augmented"
+    batch_size = retraining_recipe(cfg).batch_size
+    assert len(seen) == len(dataset.train.images) // batch_size, "only training batches are augmented"
     for images in seen:
         assert images.min() >= 0 and images.max() <= 1, "normalisation must come after augmentation"
         filled = (images == fill).all(1).flatten(1).sum(1)  # pixels holding the [0, 1]-space mean
@@ -157,7 +174,7 @@ def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trai
     import sys
     import time
 
-    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.epochs=4"]
+    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.training.epochs=4"]
     straight, _ = run_copy(trained_run, tmp_path, "straight", overrides)
     killed, sets = run_copy(trained_run, tmp_path, "killed", overrides)
     extract(straight)

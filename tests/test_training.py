@@ -166,6 +166,11 @@ def test_roar_retraining_starts_from_scratch_even_with_pretrained_weights(tiny_o
     with pytest.raises(KeyboardInterrupt):
         sweep.retrain(cfg, build_dataset(cfg.dataset), sweep.Run("baseline", "none", 0.0, 0), None, "cpu")
     assert built[0].name == "resnet50" and built[0].weights is None
-    with pytest.raises(RoarError, match="roar.epochs: set the retraining epochs"):
-        zero = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 0})})
+    with pytest.raises(RoarError, match="roar.training.epochs: set the retraining epochs"):
+        zero = cfg.model_copy(
+            update={
+                "training": cfg.training.model_copy(update={"epochs": 0}),
+                "roar": cfg.roar.model_copy(update={"training": "base"}),
+            }
+        )
         sweep.retrain(zero, build_dataset(cfg.dataset), sweep.Run("baseline", "none", 0.0, 0), None, "cpu")

@@ -163,8 +163,10 @@ def extract(cfg: RunConfig) -> dict:
     out = cfg.run_dir / "attributions"
     record_run(out, cfg, {"dataset": dataset.fingerprint(), "model": model_hash}, device)
     results = [
-        extract_split(cfg, dataset, split, model, methods, entries, device, model_hash, references)
-        for split in cfg.attribution.splits
+        extract_split(
+            cfg, dataset, split, model, methods, cfg.attribution.entries(split), device, model_hash, references
+        )
+        for split in cfg.attribution.split_names()
     ]
     summary = {
         "splits": results,

@@ -3,7 +3,7 @@
 ``summary.csv`` is for code, ``summary.md`` for pasting into a paper, ``accuracy.png`` for looking:
 accuracy against the share of pixels removed (ROAR) or kept (KAR), a line per method with
 standard-deviation error bars, the random control dashed, the unmodified model as the common
-point at threshold 0.
+point where nothing is removed (ROAR 0%, KAR 100%), chance dotted, the whole 0-100% axis.
 """
 
 from __future__ import annotations
@@ -49,11 +49,14 @@ def _markdown(table: list[dict]) -> str:
     for mode in sorted({r["mode"] for r in table} - {"baseline"}):
         rows = [r for r in table if r["mode"] == mode]
         thresholds = sorted({r["threshold"] for r in rows})
-        verb = "removed" if mode.endswith("roar") else "kept"
-        what = "trained on the removal mask alone (leakage; chance is 1/#classes)" if mode.startswith("leak_") else ""
-        lines.append(
-            f"### {mode.upper()}: test accuracy (%) with the top t% of pixels {verb} {what}\n".replace(" \n", "\n")
-        )
+        if mode == "leak":
+            lines.append(
+                "### Leakage: test accuracy (%) of a model trained on the removal mask alone, t% of the pixels "
+                "removed (ROAR at t, KAR at 100 - t; chance is 1/#classes)\n"
+            )
+        else:
+            verb = "removed" if mode == "roar" else "kept"
+            lines.append(f"### {mode.upper()}: test accuracy (%) with the top t% of pixels {verb}\n")
         lines.append("| method | " + " | ".join(f"t = {t:g}%" for t in thresholds) + " |")
         lines.append("|---|" + "---:|" * len(thresholds))
         for method in sorted({r["method"] for r in rows}):
@@ -67,14 +70,15 @@ def _markdown(table: list[dict]) -> str:
 
 
 PANELS = {
-    "roar": "ROAR: top t% removed, retrained",
-    "kar": "KAR: top t% kept, retrained",
-    "leak_roar": "Leakage: trained on the ROAR mask alone",
-    "leak_kar": "Leakage: trained on the KAR mask alone",
+    "roar": ("ROAR: top t% removed, retrained", "top pixels removed (%)"),
+    "kar": ("KAR: top t% kept, retrained", "top pixels kept (%)"),
+    "leak": ("Leakage: trained on the removal mask alone", "pixels removed (%): ROAR's t, KAR's 100 - t"),
 }
+UNMODIFIED_AT = {"roar": 0.0, "kar": 100.0}
+"""Where the unmodified model sits on each panel's axis: nothing removed, everything kept."""
 
 
-def _plot(table: list[dict], path: Path) -> None:
+def _plot(table: list[dict], path: Path, num_classes: int | None = None) -> None:
     plt = pyplot()
     present = {r["mode"] for r in table} - {"baseline"}
     modes = [m for m in PANELS if m in present] + sorted(present - set(PANELS))
@@ -90,8 +94,8 @@ def _plot(table: list[dict], path: Path) -> None:
         rows = [r for r in table if r["mode"] == mode]
         for method in sorted({r["method"] for r in rows}):
             points = sorted((r["threshold"], r["mean"], r["std"]) for r in rows if r["method"] == method)
-            if baseline is not None and mode == "roar":  # threshold 0 removes nothing: the unmodified model
-                points = [(0.0, baseline["mean"], baseline["std"]), *points]
+            if baseline is not None and mode in UNMODIFIED_AT:
+                points = sorted([(UNMODIFIED_AT[mode], baseline["mean"], baseline["std"]), *points])
             xs, ys, es = zip(*points)
             style = "--" if method in CONTROLS else "-"
             ax.errorbar(
@@ -103,19 +107,25 @@ def _plot(table: list[dict], path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-        ax.set_xlabel("top pixels " + ("removed" if mode.endswith("roar") else "kept") + " (%)")
+        title, xlabel = PANELS.get(mode, (mode.upper(), "threshold (%)"))
+        if num_classes:
+            ax.axhline(100 / num_classes, color="grey", linewidth=0.8, linestyle=":", label="chance")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(PANELS.get(mode, mode.upper()), fontsize=10)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(-5, 105)  # the whole range, whatever thresholds were run: never a one-point axis
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def summarise(out: Path, rows: list[dict]) -> dict:
-    """Write ``summary.csv``, ``summary.md`` and ``accuracy.png`` into ``out``."""
+def summarise(out: Path, rows: list[dict], num_classes: int | None = None) -> dict:
+    """Write ``summary.csv``, ``summary.md`` and ``accuracy.png`` (with a chance line at 1/``num_classes``)
+    into ``out``."""
     table = aggregate(rows)
     write_csv(out / "summary.csv", table, ["mode", "method", "threshold", "mean", "std", "n"])
     write_text_atomic(out / "summary.md", _markdown(table))
-    _plot(table, out / "accuracy.png")
+    _plot(table, out / "accuracy.png", num_classes)
     return {"output": str(out), "groups": len(table)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import json
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from roar.attribution.extract import store_path
 from roar.attribution.store import AttributionStore
-from roar.config import RunConfig
+from roar.config import RunConfig, SnapshotConfig, TrainingConfig
 from roar.data import Dataset, build_dataset
 from roar.device import resolve_device
 from roar.errors import RoarError
@@ -37,6 +38,7 @@ from roar.training.trainer import fit
 
 COLUMNS = ["mode", "method", "threshold", "seed", "test_accuracy", "test_loss", "epochs", "seconds"]
 BASELINE = "none"  # the method name of the unmodified model's runs (threshold 0)
+LEAK = "leak"  # the mode of models trained on the removal mask alone; threshold = % of pixels removed
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,14 @@ def plan(cfg: RunConfig, modes: list[str], store_methods: list[str]) -> list[Run
     missing = [m for m in methods if m not in store_methods]
     if missing:
         raise RoarError(
-            f"roar.methods: {', '.join(missing)} not in the attribution store (it has {', '.join(store_methods)}); "
-            "add them to attribution.methods and rerun extract"
+            f"roar.methods: {', '.join(missing)} not in both attribution stores, train and test (both have "
+            f"{', '.join(store_methods)}); add them to attribution.methods (and its splits) and rerun extract"
         )
     seeds = [cfg.seed + s for s in range(r.seeds)]
     runs = [Run("baseline", BASELINE, 0.0, s) for s in seeds]
     runs += [Run(mode, m, float(t), s) for mode in modes for m in methods for t in r.thresholds for s in seeds]
-    if r.leakage:  # one seed: a diagnostic, not a result
-        runs += [Run(f"leak_{mode}", m, float(t), seeds[0]) for mode in modes for m in methods for t in r.thresholds]
+    # One seed each: a diagnostic, not a result; by the share removed (KAR's masks are ROAR's complements).
+    runs += [Run(LEAK, m, t, seeds[0]) for m in methods for t in r.leakage_removed(modes)]
     return runs
 
 
@@ -142,14 +144,14 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
     from roar.evaluation.retrain_data import ablated_source
 
     fill = build_fill(r.fill.get("name", "mean"), mean=dataset.mean, **{k: v for k, v in r.fill.items() if k != "name"})
-    leak = run.mode.startswith("leak_")
+    leak = run.mode == LEAK
     sources = tuple(
         ablated_source(
             dataset.split(split),
             store_path(cfg, split),
             run.method,
             run.threshold / 100,
-            run.mode.removeprefix("leak_"),
+            "roar" if leak else run.mode,
             fill,
             seed=cfg.seed,
             granularity=r.granularity,
@@ -164,19 +166,32 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
     return tuple(MaskOnly(source) for source in sources) if leak else sources
 
 
+def retraining_recipe(cfg: RunConfig) -> TrainingConfig:
+    """The training section every retrain of the sweep uses (``roar.training``; 'base': the base model's
+    own), without snapshots: a retrain's result is its row."""
+    recipe = cfg.training if cfg.roar.training == "base" else cfg.roar.training
+    if recipe.epochs == 0:
+        raise RoarError(
+            "roar.training.epochs: set the retraining epochs (the recipe has 0 epochs: the base model is not trained)"
+        )
+    return recipe.model_copy(update={"snapshots": SnapshotConfig()})
+
+
 def retrain(cfg: RunConfig, dataset: Dataset, run: Run, out: Path, device) -> dict:
-    """One run: a fresh model trained from scratch (never from pretrained weights) with the base recipe
-    on the run's data; returns its row."""
-    training = cfg.training.model_copy(update={"snapshots": cfg.training.snapshots.model_copy(update={"epochs": []})})
-    if cfg.roar.epochs is not None:
-        training = training.model_copy(update={"epochs": cfg.roar.epochs})
-    if training.epochs == 0:
-        raise RoarError("roar.epochs: set the retraining epochs (training.epochs is 0: the base model is not trained)")
+    """One run: a fresh model of the base model's architecture, trained from scratch (never from
+    pretrained weights) with the retraining recipe on the run's data; returns its row."""
+    training = retraining_recipe(cfg)
     torch.manual_seed(run.seed)
     scratch = cfg.model.model_copy(update={"weights": None}) if getattr(cfg.model, "weights", None) else cfg.model
     model = build_model(scratch, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
     train_source, test_source = _sources(cfg, dataset, run, device)
-    fingerprint = {"run": "/".join(run.key), "dataset": dataset.fingerprint(), "epochs": training.epochs}
+    fingerprint = {
+        "run": "/".join(run.key),
+        "dataset": dataset.fingerprint(),
+        "recipe": json.dumps(
+            training.model_dump(mode="json", exclude={"eval_batch_size", "num_workers"}), sort_keys=True
+        ),
+    }
     summary, _ = fit(
         model, train_source, test_source, training, out, run.seed, device, desc=run.folder, fingerprint=fingerprint
     )
@@ -196,13 +211,15 @@ def check_settings(out: Path, cfg: RunConfig) -> None:
     """One results.csv holds runs of one protocol: refuse to mix in runs made with other settings.
 
     Methods, thresholds, seeds and modes may grow (new rows); anything that changes what a row
-    means (recipe, epochs, fill, granularity, tie-break seed, dataset, model) may not.
+    means (the retraining recipe, fill, granularity, tie-break seed, dataset, model) may not.
     """
     settings = {
         "dataset": cfg.dataset.model_dump(mode="json", exclude={"root", "cache"}),
         "model": cfg.model.model_dump(mode="json"),
-        "training": cfg.training.model_dump(mode="json", exclude={"eval_batch_size", "num_workers", "snapshots"}),
-        "roar": cfg.roar.model_dump(mode="json", include={"granularity", "fill", "epochs"}),
+        "recipe": retraining_recipe(cfg).model_dump(
+            mode="json", exclude={"eval_batch_size", "num_workers", "snapshots", "eval_every"}
+        ),
+        "roar": cfg.roar.model_dump(mode="json", include={"granularity", "fill"}),
         "seed": cfg.seed,
     }
     guard_settings(out, settings, "ROAR/KAR results")
@@ -215,19 +232,36 @@ def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict
     i, n = parse_shard(shard)
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.dataset)
-    with AttributionStore.open(store_path(cfg, "test")) as store:
-        store_methods = store.methods
+    stored = []
+    for split in ("test", "train"):  # retraining reads the train maps, testing the test maps
+        with AttributionStore.open(store_path(cfg, split)) as store:
+            stored.append(store.methods)
+    store_methods = [m for m in stored[0] if m in stored[1]]
     out = cfg.run_dir / "roar"
     results = out / "results.csv"
     check_settings(out, cfg)
     runs = plan(cfg, modes, store_methods)[i::n]
     done = {tuple(row[c] for c in ("mode", "method", "threshold", "seed")) for row in read_results(results)}
     todo = [run for run in runs if run.key not in done]
-    record_run(out, cfg, {"dataset": dataset.fingerprint()}, device)
+    recipe = retraining_recipe(cfg)
+    record_run(
+        out,
+        cfg,
+        {"dataset": dataset.fingerprint()},
+        device,
+        retraining_recipe={"name": recipe.recipe, **recipe.model_dump(mode="json", exclude={"recipe", "snapshots"})},
+    )
     t0 = time.perf_counter()
     for run in tqdm(todo, desc="retrain", unit="run", disable=None):
         folder = out / "runs" / run.folder
         append_result(results, retrain(cfg, dataset, run, folder, device))
         shutil.rmtree(folder, ignore_errors=True)  # the row is the result; checkpoints were for resuming
-    summary = summarise(out, read_results(results))
-    return {"runs": len(runs), "ran": len(todo), "seconds": round(time.perf_counter() - t0, 1), **summary}
+    summary = summarise(out, read_results(results), dataset.num_classes)
+    return {
+        "runs": len(runs),
+        "ran": len(todo),
+        "recipe": recipe.recipe or "custom",
+        "epochs": recipe.epochs,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **summary,
+    }

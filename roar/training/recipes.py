@@ -7,11 +7,12 @@ is trained: ROAR/KAR retraining must keep the architecture of the base model it 
 
 * ``seed``: the ROAR seed's CIFAR-10 recipe (Adam 1e-3, weight decay 1e-4, the learning rate
   halved every 10 epochs, 50 epochs, batch 256, random crop and flip).
-* ``fast``: the recipe that reaches the base model's accuracy in the fewest epochs, found by the
-  lever-by-lever ablation in ``docs/fast-training.md`` (``python -m benchmarks.recipes``):
-  Nesterov SGD at a high learning rate with a short linear warm-up and linear decay, label
-  smoothing, a fast BatchNorm momentum with Lookahead, whitening-initialised first convolution,
-  alternating flips. The retraining sweep's default.
+* ``fast``: the recipe that reaches the base model's accuracy in the fewest epochs and seconds,
+  found by the lever-by-lever ablation in ``docs/fast-training.md``: a whitening-initialised first
+  convolution, a high learning rate (Adam 0.012, 3x the demo's old rate) with a linear warm-up over
+  the first 20% of the steps and a linear decay, small batches (48: more updates per image seen),
+  label smoothing 0.2, no random crop (flips only: crops slow a three-epoch schedule down). The
+  retraining sweep's default.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "fast": {
         "epochs": 3,
-        "batch_size": 128,
-        "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "batch_size": 48,
+        "optimizer": {"name": "adam", "lr": 0.012, "weight_decay": 1e-4},
         "schedule": {"name": "onecycle", "warmup_fraction": 0.2},
-        "augment": {"crop_padding": 2, "flip": "alternating"},
+        "augment": {"crop_padding": 0, "flip": True},
         "label_smoothing": 0.2,
+        "whiten_init": True,
     },
 }
 

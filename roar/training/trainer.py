@@ -210,7 +210,8 @@ def train_one_epoch(
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
         if snapshots is not None and snapshots.every_steps and step % snapshots.every_steps == 0:
-            snapshots.save(model, epoch - 1 + (i + 1) / steps_per_epoch, step, f"step_{step:07d}")
+            kept = averages.evaluated(model) if averages is not None else model  # as the epoch snapshots
+            snapshots.save(kept, epoch - 1 + (i + 1) / steps_per_epoch, step, f"step_{step:07d}")
     loss_sum = loss_sum.item()
     if not math.isfinite(loss_sum):
         raise RoarError(f"training diverged in epoch {epoch} (loss is not finite): lower training.optimizer.lr")

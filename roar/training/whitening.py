@@ -31,6 +31,8 @@ def first_conv(net: nn.Module, channels: int) -> nn.Conv2d:
 def whitening_filters(inputs: torch.Tensor, kernel_size: tuple[int, int], count: int, eps: float = 5e-4):
     """``count`` filters [count, C, kh, kw] (``count`` even): the top count/2 whitening directions of the
     kh×kw patches of ``inputs`` [N, C, H, W] and their negatives, computed in float64."""
+    if count < 2 or count % 2:
+        raise ValueError(f"whitening filters come in +/- pairs: count must be even and >= 2, got {count}")
     c = inputs.shape[1]
     patches = F.unfold(inputs.double(), kernel_size).transpose(1, 2).reshape(-1, c * kernel_size[0] * kernel_size[1])
     patches = patches - patches.mean(0)
