@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +88,16 @@ class Settings:
     test_size: int
     ablation: bool
     throughput_images: int
+    widths: tuple[int, int, int] = (16, 32, 64)
+    previous_ladder: tuple[int, ...] | None = None  # default: ``ladder``
 
 
 PRESETS = {
     "default": Settings((1, 2, 3, 4, 6, 8, 10), 4000, 1000, True, 1024),
     "quick": Settings((1, 2), 256, 128, False, 64),
+    # The seed's ResNet8 on the same CIFAR-like data; 16x the compute per image, so the previous recipe
+    # runs only its full 10 epochs (the base accuracy) and 4 and 6 epochs, the fast one 1 to 3.
+    "seed_widths": Settings((1, 2, 3), 4000, 1000, False, 512, (64, 128, 256), (4, 6, 10)),
 }
 
 
@@ -188,7 +193,14 @@ def forward_flops(model_cfg, dataset) -> int:
 
 def measure(s: Settings, log) -> dict:
     device = resolve_device("auto")
-    cfg = load_config("configs/demo.yaml", [f"dataset.train_size={s.train_size}", f"dataset.test_size={s.test_size}"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            f"dataset.train_size={s.train_size}",
+            f"dataset.test_size={s.test_size}",
+            f"model.widths=[{','.join(map(str, s.widths))}]",
+        ],
+    )
     dataset = build_dataset(cfg.dataset)
     data = (
         dataset,
@@ -197,7 +209,7 @@ def measure(s: Settings, log) -> dict:
         cfg.model,
     )
     fast = fast_overrides()
-    previous = ladder("previous", [], data, s, device, log, None)
+    previous = ladder("previous", [], data, replace(s, ladder=s.previous_ladder or s.ladder), device, log, None)
     base = previous.runs[-1][1]
     targets = [0.9 * base, 0.95 * base, 0.90]
     fast_ladder = ladder("fast", fast, data, s, device, log, max(targets))
@@ -252,10 +264,11 @@ def comparison(info: dict) -> str:
         ratio = f"{a[1] / b[1]:.1f}× less time" if a and b else "—"
         lines.append(f"| {label} | {_reach(prev, target)} | {_reach(fast, target)} | {ratio} |")
     lines += ["", "Every run of the two ladders (budget → final test accuracy, training seconds):", ""]
-    lines += ["| Recipe | " + " | ".join(f"{e} ep" for e, _, _ in prev.runs) + " |", "|---|" + "---:|" * len(prev.runs)]
+    budgets = sorted({e for lad in (prev, fast) for e, _, _ in lad.runs})
+    lines += ["| Recipe | " + " | ".join(f"{e} ep" for e in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for lad in (prev, fast):
         cells = {e: f"{100 * acc:.1f}% ({sec:.0f} s)" for e, acc, sec in lad.runs}
-        lines.append(f"| {lad.name} | " + " | ".join(cells.get(e, "") for e, _, _ in prev.runs) + " |")
+        lines.append(f"| {lad.name} | " + " | ".join(cells.get(e, "") for e in budgets) + " |")
     return "\n".join(lines)
 
 
@@ -321,6 +334,8 @@ def projection(info: dict) -> str:
 
 def render(command: str, info: dict, load_start: float, load_end: float) -> str:
     s, cfg = info["s"], info["cfg"]
+    if s.widths != PRESETS["default"].widths:
+        return render_widths(command, info, load_start, load_end)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     widths = "/".join(map(str, cfg.model.widths))
     parts = [
@@ -350,10 +365,36 @@ def render(command: str, info: dict, load_start: float, load_end: float) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def render_widths(command: str, info: dict, load_start: float, load_end: float) -> str:
+    """The section of another model (the seed's widths): the comparison only."""
+    s, cfg = info["s"], info["cfg"]
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    widths = "/".join(map(str, cfg.model.widths))
+    parts = [
+        f"{SECTION}, ResNet8 {widths}",
+        "",
+        f"- Machine: {machine(load_start, load_end)}.",
+        f"- Command: `{command}`",
+        f"- Date: {date}",
+        f"- Settings: the seed's {cfg.model.name} {widths} (CIFAR-10's ResNet8) on the built-in shapes data "
+        f"(32×32×3, 10 classes: CIFAR-10's geometry; {s.train_size} training, {s.test_size} test images), seed 0, "
+        f"device {info['device']}; the previous recipe at {', '.join(map(str, s.previous_ladder))} epochs, the "
+        f"fast one at {', '.join(map(str, s.ladder))}, each a complete run from scratch; seconds are training time "
+        f"without evaluation. Base accuracy (the previous recipe after 10 epochs): **{100 * info['base']:.1f}%**.",
+        "",
+        comparison(info),
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     quick = f"smoke test: {PRESETS['quick'].train_size} images, budgets of 1 and 2 epochs, no ablation"
-    args = bench_parser("benchmarks.recipes", __doc__, quick).parse_args(argv)
-    s = PRESETS["quick" if args.quick else "default"]
+    parser = bench_parser("benchmarks.recipes", __doc__, quick)
+    parser.add_argument(
+        "--seed-widths", action="store_true", help="compare the recipes on the seed's ResNet8 (64/128/256) instead"
+    )
+    args = parser.parse_args(argv)
+    s = PRESETS["quick" if args.quick else "seed_widths" if args.seed_widths else "default"]
     return bench_run("benchmarks.recipes", argv, args.write, lambda log: measure(s, log), render)
 
 

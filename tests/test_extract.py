@@ -61,6 +61,23 @@ def test_extract_writes_complete_stores_for_both_splits(trained_run, tmp_path):
     assert ((stored - expected).abs() / scale).max() < 2e-3
 
 
+def test_splits_may_name_the_methods_each_split_gets(trained_run, tmp_path):
+    """``attribution.splits`` as a mapping: every method for test, only the listed ones for train."""
+    overrides = [
+        "attribution.methods=[gradient, random, ground_truth]",
+        "attribution.splits={test: all, train: [ground_truth, random]}",
+    ]
+    cfg, _ = run_copy(trained_run, tmp_path, "per_split", overrides)
+    summary = extract(cfg)
+    assert [r["split"] for r in summary["splits"]] == ["test", "train"]
+    with AttributionStore.open(store_path(cfg, "test")) as store:
+        assert store.methods == ["gradient", "random", "ground_truth"]
+    with AttributionStore.open(store_path(cfg, "train")) as store:
+        assert store.methods == ["random", "ground_truth"]
+    with pytest.raises(RoarError, match=r"attribution.splits.train: gradiant not among the methods.*'gradient'"):
+        load_config(None, ["attribution.methods=[gradient]", "attribution.splits={train: [gradiant]}"])
+
+
 def test_adding_a_method_computes_only_that_method(trained_run, tmp_path, monkeypatch):
     cfg, sets = run_copy(trained_run, tmp_path, "grow", ["attribution.methods=[gradient]", "attribution.splits=[test]"])
     extract(cfg)

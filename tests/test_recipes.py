@@ -549,10 +549,11 @@ def test_schedules_keep_the_ratio_of_the_two_groups(schedule):
 
 
 def test_prepare_sets_batchnorm_momentum_and_whitens_the_stem_from_normalised_images():
-    """The whitening sample: 5000 training images drawn with a generator seeded by the run's seed,
+    """The whitening sample: WHITEN_IMAGES training images drawn with a generator seeded by the run's seed,
     normalised as the model does; the global random stream is left alone."""
     model = resnet8(widths=(20, 4, 4), channels=1, size=4)  # patch dim 9: 18 of the stem's 20 channels
-    source = image_source(n=5003, channels=1, size=4)
+    n = trainer.WHITEN_IMAGES + 3
+    source = image_source(n=n, channels=1, size=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     trainer.prepare(model, source, training("bn_momentum=0.3", "whiten_init=true"), seed=5)
@@ -560,7 +561,7 @@ def test_prepare_sets_batchnorm_momentum_and_whitens_the_stem_from_normalised_im
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) >= 5 and all(m.momentum == 0.3 for m in bns)
 
-    order = torch.randperm(5003, generator=torch.Generator().manual_seed(5))[:5000]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(5))[: trainer.WHITEN_IMAGES]
     images = (source.images[order].float() / 255 - 0.5) / 0.25
     stem = model.net.stem[0]
     torch.testing.assert_close(stem.weight[:18].double(), whitening_filters(images, (3, 3), 18), rtol=1e-6, atol=1e-5)

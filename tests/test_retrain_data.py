@@ -169,6 +169,23 @@ def test_constant_fill_fast_path_matches_the_generic_one(stores):
     assert torch.equal(stores[0].images, make_split().images)  # the split's own tensor was left intact
 
 
+def test_filled_images_computed_once_equal_the_per_batch_fill(stores, monkeypatch):
+    """ROAD and blur images are computed once per source when they fit; the same bits as per batch."""
+    import roar.evaluation.retrain_data as retrain_data
+
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:100]
+    for name in ("road", "blur"):
+        cached = source(stores, fill=build_fill(name))
+        monkeypatch.setattr(retrain_data, "FILLED_CACHE_BYTES", 0)
+        per_batch = source(stores, fill=build_fill(name))
+        monkeypatch.undo()
+        assert cached._filled is not None and per_batch._filled is None
+        assert same_bits(cached.images_for(idx), per_batch.images_for(idx)), name
+        batch = cached.images_for(idx)
+        batch.zero_()  # a consumer writing into its batch must not change the cache
+        assert same_bits(cached.images_for(idx), per_batch.images_for(idx)), name
+
+
 # --------------------------------------------------------------------------------------------- exact counts
 
 

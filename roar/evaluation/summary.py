@@ -46,7 +46,8 @@ def _markdown(table: list[dict]) -> str:
     if baseline:
         b = baseline[0]
         lines.append(f"Unmodified model: {100 * b['mean']:.2f} ± {100 * b['std']:.2f}% test accuracy (n = {b['n']}).\n")
-    for mode in sorted({r["mode"] for r in table} - {"baseline"}):
+    present = {r["mode"] for r in table} - {"baseline"}
+    for mode in [m for m in PANELS if m in present] + sorted(present - set(PANELS)):
         rows = [r for r in table if r["mode"] == mode]
         thresholds = sorted({r["threshold"] for r in rows})
         if mode == "leak":

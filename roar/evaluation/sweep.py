@@ -168,13 +168,13 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
 
 def retraining_recipe(cfg: RunConfig) -> TrainingConfig:
     """The training section every retrain of the sweep uses (``roar.training``; 'base': the base model's
-    own), without snapshots: a retrain's result is its row."""
+    own), without snapshots and tested once at the end: a retrain's result is its row."""
     recipe = cfg.training if cfg.roar.training == "base" else cfg.roar.training
     if recipe.epochs == 0:
         raise RoarError(
             "roar.training.epochs: set the retraining epochs (the recipe has 0 epochs: the base model is not trained)"
         )
-    return recipe.model_copy(update={"snapshots": SnapshotConfig()})
+    return recipe.model_copy(update={"snapshots": SnapshotConfig(), "eval_every": 0})
 
 
 def retrain(cfg: RunConfig, dataset: Dataset, run: Run, out: Path, device) -> dict:
