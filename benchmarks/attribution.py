@@ -27,7 +27,6 @@ comparison alternate (a change in machine load hits both sides alike); the best 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import time
 import warnings
 import zlib
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.report import bench_parser, bench_run, machine
+from benchmarks.report import bench_parser, bench_run, header
 from roar.attribution import Context, create
 from roar.attribution.engine import DEFAULT_MAX_BATCH, input_gradients
 from roar.models.base import Classifier
@@ -446,7 +445,6 @@ def settings_text(s: Settings, layout: str) -> str:
 
 
 def render(command: str, rows, infos, s: Settings, load_start, load_end, layout: str) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     diffs = ", ".join(f"{i['label']}: {i['ig_max_diff']:.1e}" for i in infos)
     throughputs = "; ".join(
         i["label"] + ": " + ", ".join(f"{v:.0f} inputs/s in the {k} rounds" for k, v in i["throughput"].items())
@@ -455,11 +453,7 @@ def render(command: str, rows, infos, s: Settings, load_start, load_end, layout:
     import captum
 
     parts = [
-        SECTION,
-        "",
-        f"- Machine: {machine(load_start, load_end, f'captum {captum.__version__}')}.",
-        f"- Command: `{command}`",
-        f"- Date: {date}",
+        *header(SECTION, command, load_start, load_end, f"captum {captum.__version__}"),
         f"- Settings: {settings_text(s, layout)}",
         f"- Check: max |roar IG − Captum IG| ÷ max |Captum IG| = {diffs}.",
         "",

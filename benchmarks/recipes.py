@@ -28,7 +28,6 @@ CPU, in one process, one after the other.
 
 from __future__ import annotations
 
-import datetime
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import bench_parser, bench_run, machine
+from benchmarks.report import bench_parser, bench_run, header
 from roar.config import TrainingConfig, load_config
 from roar.data import build_dataset
 from roar.device import resolve_device
@@ -336,14 +335,9 @@ def render(command: str, info: dict, load_start: float, load_end: float) -> str:
     s, cfg = info["s"], info["cfg"]
     if s.widths != PRESETS["default"].widths:
         return render_widths(command, info, load_start, load_end)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     widths = "/".join(map(str, cfg.model.widths))
     parts = [
-        SECTION,
-        "",
-        f"- Machine: {machine(load_start, load_end)}.",
-        f"- Command: `{command}`",
-        f"- Date: {date}",
+        *header(SECTION, command, load_start, load_end),
         f"- Settings: {cfg.model.name} {widths} on the built-in shapes data ({s.train_size} training, "
         f"{s.test_size} test images), seed 0, device {info['device']}; budgets {', '.join(map(str, s.ladder))} "
         "epochs, each a complete run from scratch with its own schedule; seconds are training time without "
@@ -368,14 +362,9 @@ def render(command: str, info: dict, load_start: float, load_end: float) -> str:
 def render_widths(command: str, info: dict, load_start: float, load_end: float) -> str:
     """The section of another model (the seed's widths): the comparison only."""
     s, cfg = info["s"], info["cfg"]
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     widths = "/".join(map(str, cfg.model.widths))
     parts = [
-        f"{SECTION}, ResNet8 {widths}",
-        "",
-        f"- Machine: {machine(load_start, load_end)}.",
-        f"- Command: `{command}`",
-        f"- Date: {date}",
+        *header(f"{SECTION}, ResNet8 {widths}", command, load_start, load_end),
         f"- Settings: the seed's {cfg.model.name} {widths} (CIFAR-10's ResNet8) on the built-in shapes data "
         f"(32×32×3, 10 classes: CIFAR-10's geometry; {s.train_size} training, {s.test_size} test images), seed 0, "
         f"device {info['device']}; the previous recipe at {', '.join(map(str, s.previous_ladder))} epochs, the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import re
@@ -37,6 +38,19 @@ def machine(load_start: float, load_end: float, *extra: str) -> str:
         f"{torch.get_num_threads()} intra-op threads (torch default); load average "
         f"{load_start:.2f} before, {load_end:.2f} after"
     )
+
+
+def header(heading: str, command: str, load_start: float, load_end: float, *extra: str) -> list[str]:
+    """The first lines of every section: its heading, the machine (with ``extra`` library versions),
+    the command and the date."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        heading,
+        "",
+        f"- Machine: {machine(load_start, load_end, *extra)}.",
+        f"- Command: `{command}`",
+        f"- Date: {date}",
+    ]
 
 
 def write_section(path: Path, section: str) -> None:

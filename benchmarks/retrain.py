@@ -23,7 +23,6 @@ without training) to show where any overhead comes from.
 
 from __future__ import annotations
 
-import datetime
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import bench_parser, bench_run, machine
+from benchmarks.report import bench_parser, bench_run, header
 from roar.attribution.store import StoreWriter
 from roar.config import load_config
 from roar.data import TensorSplit, build_dataset
@@ -274,15 +273,10 @@ def settings_text(info: dict, s: Settings) -> str:
 
 
 def render(command: str, info: dict, s: Settings, load_start: float, load_end: float) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     compared, equal = info["check"]
     setup = info["setup"]
     parts = [
-        SECTION,
-        "",
-        f"- Machine: {machine(load_start, load_end)}.",
-        f"- Command: `{command}`",
-        f"- Date: {date}",
+        *header(SECTION, command, load_start, load_end),
         f"- Settings: {settings_text(info, s)}",
         f"- Check: streaming and in-memory ablated images of the same rows bit-identical: "
         f"{'yes' if equal else '**no**'} ({compared} images compared).",

@@ -14,7 +14,6 @@ per second, so the counts need not match — and its solutions are compared with
 
 from __future__ import annotations
 
-import datetime
 import time
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
-from benchmarks.report import bench_parser, bench_run, machine
+from benchmarks.report import bench_parser, bench_run, header
 from roar.perturb.road import linear_impute, road_impute
 
 SECTION = "## ROAD imputation"
@@ -204,13 +203,8 @@ def targets_text(results: list[dict]) -> str:
 
 
 def render(command: str, results: list[dict], s: Settings, load_start: float, load_end: float) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        SECTION,
-        "",
-        f"- Machine: {machine(load_start, load_end, f'scipy {scipy.__version__}')}.",
-        f"- Command: `{command}`",
-        f"- Date: {date}",
+        *header(SECTION, command, load_start, load_end, f"scipy {scipy.__version__}"),
         f"- Settings: {settings_text(results, s)}",
         "",
         table(results),

@@ -25,7 +25,6 @@ with ``training.snapshots.epochs: all``), 32×32 RGB images. Each side runs once
 
 from __future__ import annotations
 
-import datetime
 import tempfile
 import time
 import tracemalloc
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.report import bench_parser, bench_run, machine
+from benchmarks.report import bench_parser, bench_run, header
 from roar.attribution.engine import input_gradients, max_batch_for, prepare_model
 from roar.attribution.store import StoreWriter
 from roar.config import load_config
@@ -239,7 +238,6 @@ def _yes(ok: bool) -> str:
 
 
 def render(command: str, speed: dict, memory: dict, s: Settings, load_start: float, load_end: float) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     n, k = speed["n"], speed["k"]
     best = {name: min(values) for name, values in speed["times"].items()}
     rate = {name: n / (t / k) for name, t in best.items()}
@@ -253,11 +251,7 @@ def render(command: str, speed: dict, memory: dict, s: Settings, load_start: flo
         "path": f"`compute_split`: the whole path incl. store writes (`vog.compression: {speed['compression']}`)",
     }
     lines = [
-        SECTION,
-        "",
-        f"- Machine: {machine(load_start, load_end)}.",
-        f"- Command: `{command}`",
-        f"- Date: {date}",
+        *header(SECTION, command, load_start, load_end),
         f"- Settings: ResNet8 {speed['widths']} with random weights, {k} snapshots (the last equal to the final "
         f"model), {n} random 32×32 images; batches of {speed['batch_size']} images, chunks of {speed['max_batch']} "
         f"inputs per pass on both sides; peers on, GraNd off. Best of {s.rounds} rounds after a warm-up, path and "

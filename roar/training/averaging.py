@@ -2,7 +2,7 @@
 
 Both smooth the noise of high-learning-rate SGD, which is what lets a short, aggressive schedule
 end at a good point (the CIFAR-10 speed records use them; their effect here is measured in
-docs/fast-training.md). Each keeps its own copy of the weights; ``state_dict`` and
+docs/benchmarks.md). Each keeps its own copy of the weights; ``state_dict`` and
 ``load_state_dict`` put that copy in the checkpoint, so a resumed run averages exactly as an
 uninterrupted one.
 """

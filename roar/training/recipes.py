@@ -8,11 +8,11 @@ is trained: ROAR/KAR retraining must keep the architecture of the base model it 
 * ``seed``: the ROAR seed's CIFAR-10 recipe (Adam 1e-3, weight decay 1e-4, the learning rate
   halved every 10 epochs, 50 epochs, batch 256, random crop and flip).
 * ``fast``: the recipe that reaches the base model's accuracy in the fewest epochs and seconds,
-  found by the lever-by-lever ablation in ``docs/fast-training.md``: a whitening-initialised first
-  convolution, a high learning rate (Adam 0.012, 3x the demo's old rate) with a linear warm-up over
-  the first 20% of the steps and a linear decay, small batches (48: more updates per image seen),
-  label smoothing 0.2, no random crop (flips only: crops slow a three-epoch schedule down). The
-  retraining sweep's default.
+  found by the lever-by-lever ablation in ``docs/benchmarks.md`` (``python -m benchmarks.recipes``):
+  a whitening-initialised first convolution, a high learning rate (Adam 0.012, 3x the demo's old
+  rate) with a linear warm-up over the first 20% of the steps and a linear decay, small batches
+  (48: more updates per image seen), label smoothing 0.2, no random crop (flips only: crops slow a
+  three-epoch schedule down). The retraining sweep's default.
 """
 
 from __future__ import annotations
