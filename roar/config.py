@@ -248,6 +248,12 @@ class RoarConfig(Section):
         None, description="read maps from disk with loader workers; default: in memory when it fits"
     )
     num_workers: int = Field(2, ge=0)
+    jobs: int = Field(
+        1,
+        ge=1,
+        description="processes sharing the sweep on this machine, each with cores/jobs threads "
+        "(2 on a 2-core CPU: small retrainings use two cores better side by side than one after another)",
+    )
     leakage: bool | list[float] = Field(
         False,
         description="also train on the binary removal mask alone (chance = 1/#classes): true at every "

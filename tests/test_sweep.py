@@ -201,3 +201,39 @@ def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trai
         return [{k: r[k] for k in keep} for r in read_results(cfg.run_dir / "roar" / "results.csv")]
 
     assert rows(killed) == rows(straight) and len(rows(killed)) == 2
+
+
+def test_jobs_share_the_sweep_in_child_processes_with_the_rows_of_one_process(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    import roar.evaluation.jobs as jobs
+
+    overrides = ["attribution.methods=[ground_truth, random]", "roar.thresholds=[50]", "roar.training.epochs=1"]
+    alone, _ = run_copy(trained_run, tmp_path, "alone", overrides)
+    extract(alone)
+    evaluate(alone, ["roar"])
+    shared, _ = run_copy(trained_run, tmp_path, "shared", [*overrides, "roar.jobs=2"])
+    shutil.copytree(alone.run_dir / "attributions", shared.run_dir / "attributions")
+    # Children get cores // jobs threads each: as many as this process has, so the numbers can be compared.
+    monkeypatch.setattr(jobs, "cores", lambda: 2 * torch.get_num_threads())
+    summary = evaluate(shared, ["roar"])
+    assert summary["ran"] == 3 and summary["runs"] == 3
+
+    def rows(cfg):
+        return {
+            tuple(r[c] for c in ("mode", "method", "threshold", "seed")): r["test_accuracy"]
+            for r in read_results(cfg.run_dir / "roar" / "results.csv")
+        }
+
+    assert rows(shared) == rows(alone)
+    assert (shared.run_dir / "roar" / "summary.md").exists()
+    logs = sorted(p.name for p in (shared.run_dir / "roar" / "jobs").glob("shard-*.log"))
+    assert logs == ["shard-0.log", "shard-1.log"]
+    assert not (shared.run_dir / "roar" / "jobs" / "config.yaml").exists()
+
+
+def test_a_failing_shard_is_reported_by_its_error_line(tmp_path):
+    from roar.evaluation.jobs import run_shards
+
+    with pytest.raises(RoarError, match=r"shard [01]/2 of the sweep failed \(exit 2\): .*unknown key 'epocs'"):
+        run_shards("training: {epocs: 3}\n", ["roar"], 2, tmp_path, lambda: 0, 4)

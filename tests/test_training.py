@@ -77,9 +77,15 @@ def test_training_writes_metrics_summary_provenance_and_snapshots(tiny_cfg):
     assert train(tiny_cfg).get("skipped") is True
 
 
-def test_same_seed_same_weights_and_other_seed_other_weights(tiny_overrides, tmp_path):
+FAST_WITH_AVERAGES = ["training.recipe=fast", "training.ema=0.9", "training.lookahead={every: 3}"]
+"""The fast recipe (whitening init, label smoothing, onecycle) with both weight averages on."""
+
+
+@pytest.mark.parametrize("recipe", [[], FAST_WITH_AVERAGES], ids=["default", "fast"])
+def test_same_seed_same_weights_and_other_seed_other_weights(tiny_overrides, tmp_path, recipe):
     def weights(seed, out):
-        cfg = load_config(None, [*tiny_overrides, "training.epochs=1", f"seed={seed}", f"output_dir={out}"])
+        overrides = [*recipe, *tiny_overrides, "training.epochs=1", f"seed={seed}", f"output_dir={out}"]
+        cfg = load_config(None, overrides)
         train(cfg)
         return load_checkpoint(out / "train" / "model.pt")["state_dict"]
 
@@ -106,7 +112,7 @@ def test_checkpoint_of_another_setup_is_refused(tiny_cfg, tiny_overrides):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_overrides, tmp_path):
-    args = [*tiny_overrides, "training.epochs=6", "dataset.train_size=384"]
+    args = [*FAST_WITH_AVERAGES, *tiny_overrides, "training.epochs=6", "dataset.train_size=384"]
     straight = tmp_path / "straight"
     killed = tmp_path / "killed"
 

@@ -143,8 +143,13 @@ def _sources(cfg: RunConfig, dataset: Dataset, run: Run, device):
         return (source_for(dataset.train, device, r.num_workers), source_for(dataset.test, device, r.num_workers))
     from roar.evaluation.retrain_data import ablated_source
 
-    fill = build_fill(r.fill.get("name", "mean"), mean=dataset.mean, **{k: v for k, v in r.fill.items() if k != "name"})
     leak = run.mode == LEAK
+    if leak:  # the model sees only the mask: no fill values are needed (a ROAD solve would be wasted)
+        fill = build_fill("mean", mean=dataset.mean)
+    else:
+        fill = build_fill(
+            r.fill.get("name", "mean"), mean=dataset.mean, **{k: v for k, v in r.fill.items() if k != "name"}
+        )
     sources = tuple(
         ablated_source(
             dataset.split(split),
@@ -252,10 +257,19 @@ def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict
         retraining_recipe={"name": recipe.recipe, **recipe.model_dump(mode="json", exclude={"recipe", "snapshots"})},
     )
     t0 = time.perf_counter()
-    for run in tqdm(todo, desc="retrain", unit="run", disable=None):
-        folder = out / "runs" / run.folder
-        append_result(results, retrain(cfg, dataset, run, folder, device))
-        shutil.rmtree(folder, ignore_errors=True)  # the row is the result; checkpoints were for resuming
+    jobs = min(cfg.roar.jobs, len(todo))
+    if jobs > 1 and n == 1:  # the shards in child processes; each writes its own rows
+        from roar.config import dump_config
+        from roar.evaluation.jobs import run_shards
+
+        single = cfg.model_copy(update={"roar": cfg.roar.model_copy(update={"jobs": 1})})
+        total = len(done | {run.key for run in runs})  # rows results.csv holds when every shard is done
+        run_shards(dump_config(single), modes, jobs, out, lambda: len(read_results(results)), total)
+    else:
+        for run in tqdm(todo, desc="retrain", unit="run", disable=None):
+            folder = out / "runs" / run.folder
+            append_result(results, retrain(cfg, dataset, run, folder, device))
+            shutil.rmtree(folder, ignore_errors=True)  # the row is the result; checkpoints were for resuming
     summary = summarise(out, read_results(results), dataset.num_classes)
     return {
         "runs": len(runs),
