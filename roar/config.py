@@ -215,9 +215,15 @@ class AttributionConfig(Section):
             for split, chosen in self.splits.items():
                 unknown = [m for m in (names if chosen == "all" else chosen) if m not in names]
                 if unknown:
-                    raise ValueError(
-                        f"splits.{split}: {', '.join(unknown)} not among the methods{closest(unknown[0], names)}; "
-                        f"the methods are {', '.join(names)}"
+                    raise PydanticCustomError(
+                        "unknown_name",
+                        "{unknown} not among the methods{hint}; the methods are {names}",
+                        {
+                            "key": f"splits.{split}",
+                            "unknown": ", ".join(unknown),
+                            "hint": closest(unknown[0], names),
+                            "names": ", ".join(names),
+                        },
                     )
         return self
 

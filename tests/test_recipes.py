@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import roar.training.trainer as trainer
-from roar.config import dump_config, load_config
+from roar.config import TrainingConfig, dump_config, load_config
 from roar.errors import RoarError
 from roar.models import MODELS, Classifier, build_model
 from roar.training.augment import random_crop_flip
@@ -771,3 +771,19 @@ def test_fast_recipe_with_ema_and_lookahead_resumes_bit_for_bit(tmp_path, monkey
         return [{k: v for k, v in json.loads(x).items() if "seconds" not in k} for x in lines]
 
     assert rows(straight) == rows(resumed) and [r["epoch"] for r in rows(resumed)] == [1, 2]
+
+
+@pytest.mark.parametrize("total", [1, 2, 5, 10])
+def test_onecycle_survives_a_warm_up_of_exactly_one_step(total):
+    """0.2 x 5 steps is a warm-up of one step, where OneCycleLR would divide by zero."""
+    net = nn.Linear(2, 2)
+    cfg = TrainingConfig.model_validate({"epochs": total, "schedule": {"name": "onecycle", "warmup_fraction": 0.2}})
+    optimizer = trainer.make_optimizer(net, cfg)
+    scheduler = trainer.make_scheduler(optimizer, cfg, steps_per_epoch=1)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < r <= cfg.optimizer.lr * (1 + 1e-9) for r in rates)
+    assert rates[-1] < cfg.optimizer.lr or total == 1

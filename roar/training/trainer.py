@@ -65,11 +65,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, steps_
     if s.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if s.name == "onecycle":
+        # OneCycleLR divides by (warm-up steps - 1): zero for a warm-up of exactly one step (a short run
+        # on little data), so such a warm-up is made a hair longer; every other length is left alone.
+        warmup = s.warmup_fraction if abs(s.warmup_fraction * total - 1) > 1e-9 else (1 + 1e-6) / total
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=total,
-            pct_start=s.warmup_fraction,
+            pct_start=warmup,
             anneal_strategy="linear",
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
