@@ -3,8 +3,8 @@
     python -m benchmarks.retrain [--quick] [--write docs/benchmarks.md]
 
 One training epoch (``train_one_epoch``: batches, augmentation, forward, backward and optimiser
-step) with the demo config's recipe (ResNet8 16/32/64, batch 128, random crop and flip) on the
-built-in shapes training split, three ways:
+step) with the demo config's retraining recipe (``roar.training``: ResNet8 16/32/64 and the fast
+recipe) on the built-in shapes training split, three ways:
 
 (a) ``InMemorySource`` on the unmodified images: the reference;
 (b) ``ablated_source(..., streaming=False)``: ROAR at 50 %, mean fill, pixel granularity, removal
