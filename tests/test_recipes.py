@@ -19,8 +19,8 @@ import roar.training.trainer as trainer
 from roar.config import TrainingConfig, dump_config, load_config
 from roar.errors import RoarError
 from roar.models import MODELS, Classifier, build_model
-from roar.training.augment import random_crop_flip
-from roar.training.averaging import Lookahead, WeightEMA
+from roar.training.augment import flip_choices, random_crop_flip
+from roar.training.averaging import Averages, Lookahead, WeightEMA
 from roar.training.checkpoint import load_checkpoint
 from roar.training.recipes import RECIPES, apply_recipe
 from roar.training.sources import InMemorySource
@@ -226,7 +226,7 @@ def test_averages_update_lookahead_first_then_ema_of_the_result():
     cfg = training("ema=0.5", "lookahead={every: 1, alpha: 0.5}")
     net = small_net()
     w0 = float_state(net)
-    averages = trainer.Averages(net, cfg)
+    averages = Averages(net, cfg)
     simulate_step(net, torch.Generator().manual_seed(6), 1)
     w1 = {k: v.clone() for k, v in net.state_dict().items()}
     averages.update(net)
@@ -242,7 +242,7 @@ def test_averages_update_lookahead_first_then_ema_of_the_result():
 def test_averages_finish_takes_only_a_pending_lookahead_step_and_off_is_a_no_op():
     cfg = training("lookahead={every: 2, alpha: 0.5}")
     net = small_net()
-    averages = trainer.Averages(net, cfg)
+    averages = Averages(net, cfg)
     assert averages.ema is None and averages.evaluated(net) is net
     g = torch.Generator().manual_seed(7)
     for t in (1, 2):
@@ -258,7 +258,7 @@ def test_averages_finish_takes_only_a_pending_lookahead_step_and_off_is_a_no_op(
     for p, s, f in zip(net.parameters(), at_sync, fast):
         torch.testing.assert_close(p.detach(), (s + f) / 2)
 
-    off = trainer.Averages(net, training())
+    off = Averages(net, training())
     before = {k: v.clone() for k, v in net.state_dict().items()}
     off.update(net)
     off.finish(net)
@@ -416,10 +416,10 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
 
 
 def test_flip_choices_are_a_fixed_coin_per_example():
-    a = trainer.flip_choices(1000, 3)
+    a = flip_choices(1000, 3)
     assert a.dtype == torch.bool and a.shape == (1000,)
-    assert torch.equal(a, trainer.flip_choices(1000, 3))
-    assert not torch.equal(a, trainer.flip_choices(1000, 4))
+    assert torch.equal(a, flip_choices(1000, 3))
+    assert not torch.equal(a, flip_choices(1000, 4))
     assert 400 < int(a.sum()) < 600
 
 
@@ -448,7 +448,7 @@ def test_alternating_flips_mirror_each_example_on_every_other_epoch(monkeypatch,
     source, seed = indexed_source(), 11
     cfg = training("epochs=3", "batch_size=8", "augment={crop_padding: 0, flip: alternating}", "eval_every=2")
     trainer.fit(mlp(), source, source, cfg, tmp_path, seed, CPU)
-    flips = trainer.flip_choices(len(source), seed)
+    flips = flip_choices(len(source), seed)
     assert 0 < int(flips.sum()) < len(source)
     assert len(seen) == 3 * 4
     for step, (index, flip) in enumerate(seen):

@@ -1,4 +1,5 @@
-"""Train-time augmentation on whole batches on the device: random crop with padding, flip.
+"""Train-time augmentation on whole batches on the device: random crop with padding, flip (at random,
+or alternating: ``flip_choices`` draws each example's flip for odd epochs once per run).
 
 The ROAR seed's recipe (``RandomCrop(32, padding=4)`` and horizontal flips) done for a whole
 batch at once with index arithmetic, instead of per image through PIL.
@@ -42,3 +43,9 @@ def random_crop_flip(
         mirror = mirror.to(images.device)
         tensors = tuple(torch.where(mirror.view(b, *([1] * (t.ndim - 1))), t.flip(-1), t) for t in tensors)
     return tuple(t.contiguous() for t in tensors)
+
+
+def flip_choices(n: int, seed: int) -> torch.Tensor:
+    """bool [n]: whether each example is flipped on odd epochs under ``augment.flip: alternating``
+    (even epochs flip the others); drawn once per run from ``seed``."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 - 1)) < 0.5

@@ -79,3 +79,35 @@ class Lookahead:
         for t, saved in zip(self.slow, state["slow"]):
             t.copy_(saved)
         self.steps = state["steps"]
+
+
+class Averages:
+    """The weight averages a recipe keeps (EMA, Lookahead), updated after every optimiser step."""
+
+    def __init__(self, model: torch.nn.Module, cfg) -> None:
+        """``cfg``: a training section (its ``ema`` and ``lookahead`` keys)."""
+        self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+        self.lookahead = Lookahead(model, cfg.lookahead.every, cfg.lookahead.alpha) if cfg.lookahead else None
+
+    def update(self, model: torch.nn.Module) -> None:
+        if self.lookahead is not None:
+            self.lookahead.update(model)
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """End of training: the fast weights take the Lookahead's last step (if one is pending)."""
+        if self.lookahead is not None and self.lookahead.steps % self.lookahead.every:
+            self.lookahead.finish(model)
+
+    def evaluated(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network whose accuracy is reported and which is saved: the EMA if kept, else ``model``."""
+        return self.ema.model if self.ema is not None else model
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in (("ema", self.ema), ("lookahead", self.lookahead)) if part}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in (("ema", self.ema), ("lookahead", self.lookahead)):
+            if part is not None:
+                part.load_state_dict(state[name])

@@ -25,8 +25,8 @@ from roar.device import autocast, memory_format, resolve_device
 from roar.errors import RoarError
 from roar.models import Classifier, build_model
 from roar.provenance import record_run, write_json
-from roar.training.augment import random_crop_flip
-from roar.training.averaging import Lookahead, WeightEMA
+from roar.training.augment import flip_choices, random_crop_flip
+from roar.training.averaging import Averages
 from roar.training.checkpoint import load_checkpoint, save_atomic
 from roar.training.sources import source_for
 from roar.training.whitening import whiten_first_conv
@@ -131,43 +131,6 @@ class Snapshots:
 
     def save(self, model: torch.nn.Module, epoch: float, step: int, tag: str) -> None:
         save_atomic({"model": model.state_dict(), "epoch": epoch, "step": step}, self.directory / f"{tag}.pt")
-
-
-class Averages:
-    """The weight averages a recipe keeps (EMA, Lookahead), updated after every optimiser step."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainingConfig):
-        self.ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-        self.lookahead = Lookahead(model, cfg.lookahead.every, cfg.lookahead.alpha) if cfg.lookahead else None
-
-    def update(self, model: torch.nn.Module) -> None:
-        if self.lookahead is not None:
-            self.lookahead.update(model)
-        if self.ema is not None:
-            self.ema.update(model)
-
-    def finish(self, model: torch.nn.Module) -> None:
-        """End of training: the fast weights take the Lookahead's last step (if one is pending)."""
-        if self.lookahead is not None and self.lookahead.steps % self.lookahead.every:
-            self.lookahead.finish(model)
-
-    def evaluated(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The network whose accuracy is reported and which is saved: the EMA if kept, else ``model``."""
-        return self.ema.model if self.ema is not None else model
-
-    def state_dict(self) -> dict:
-        return {name: part.state_dict() for name, part in (("ema", self.ema), ("lookahead", self.lookahead)) if part}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, part in (("ema", self.ema), ("lookahead", self.lookahead)):
-            if part is not None:
-                part.load_state_dict(state[name])
-
-
-def flip_choices(n: int, seed: int) -> torch.Tensor:
-    """bool [n]: whether each example is flipped on odd epochs under ``augment.flip: alternating``
-    (even epochs flip the others); drawn once per run from ``seed``."""
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 - 1)) < 0.5
 
 
 def train_one_epoch(
