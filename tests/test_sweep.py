@@ -237,3 +237,4 @@ def test_a_failing_shard_is_reported_by_its_error_line(tmp_path):
 
     with pytest.raises(RoarError, match=r"shard [01]/2 of the sweep failed \(exit 2\): .*unknown key 'epocs'"):
         run_shards("training: {epocs: 3}\n", ["roar"], 2, tmp_path, lambda: 0, 4)
+    assert not (tmp_path / "jobs" / "config.yaml").exists()

@@ -76,6 +76,7 @@ def run_shards(config_text: str, modes: list[str], jobs: int, out: Path, count_r
         for _, child, log in children:
             child.wait()
             log.close()
+        config.unlink(missing_ok=True)  # the shards' copy of the config; their logs stay for reading
     # The shard that failed first is the one with an error of its own; the others were stopped here.
     for k, child, _ in sorted(children, key=lambda item: item[1].returncode < 0):
         if child.returncode != 0:
@@ -85,4 +86,3 @@ def run_shards(config_text: str, modes: list[str], jobs: int, out: Path, count_r
                 f"shard {k}/{jobs} of the sweep failed (exit {child.returncode}): "
                 f"{reason.removeprefix('error: ')[:300]} (log: {work / f'shard-{k}.log'})"
             )
-    config.unlink(missing_ok=True)
