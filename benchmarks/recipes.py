@@ -43,7 +43,7 @@ from roar.config import TrainingConfig, load_config
 from roar.data import build_dataset
 from roar.device import resolve_device
 from roar.models import build_model
-from roar.training.recipes import RECIPES, _merge
+from roar.training.recipes import RECIPES, merge
 from roar.training.sources import InMemorySource
 from roar.training.trainer import fit
 
@@ -121,7 +121,7 @@ class Ladder:
 def recipe(*overrides: dict, epochs: int) -> TrainingConfig:
     section = PREVIOUS
     for over in overrides:
-        section = _merge(section, over)
+        section = merge(section, over)
     return TrainingConfig.model_validate({**section, "epochs": epochs, "eval_every": 0, "num_workers": 0})
 
 

@@ -40,12 +40,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
     """``over`` on top of ``base``, section by section (a nested mapping merges, anything else replaces)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -71,4 +71,4 @@ def apply_recipe(data: Any) -> Any:
                 "known": ", ".join(RECIPES),
             },
         )
-    return _merge(RECIPES[name], data)
+    return merge(RECIPES[name], data)
