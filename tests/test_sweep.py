@@ -230,6 +230,8 @@ def test_jobs_share_the_sweep_in_child_processes_with_the_rows_of_one_process(tr
     logs = sorted(p.name for p in (shared.run_dir / "roar" / "jobs").glob("shard-*.log"))
     assert logs == ["shard-0.log", "shard-1.log"]
     assert not (shared.run_dir / "roar" / "jobs" / "config.yaml").exists()
+    recorded = load_config(shared.run_dir / "roar" / "config.yaml")
+    assert recorded.roar.jobs == 2, "the run's config.yaml is the parent's, not a shard's"
 
 
 def test_a_failing_shard_is_reported_by_its_error_line(tmp_path):

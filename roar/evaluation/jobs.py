@@ -62,9 +62,8 @@ def run_shards(config_text: str, modes: list[str], jobs: int, out: Path, count_r
     bar = tqdm(total=total, initial=start, desc=f"retrain ({jobs} jobs)", unit="run", disable=None)
     try:
         while any(child.poll() is None for _, child, _ in children):
-            failed = [(k, child) for k, child, _ in children if child.poll() not in (None, 0)]
-            if failed:
-                break
+            if any(child.poll() not in (None, 0) for _, child, _ in children):
+                break  # one shard failed: stop the others (below) rather than let them run on
             bar.update(count_rows() - bar.n)
             time.sleep(0.5)
         bar.update(count_rows() - bar.n)

@@ -249,13 +249,12 @@ def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict
     done = {tuple(row[c] for c in ("mode", "method", "threshold", "seed")) for row in read_results(results)}
     todo = [run for run in runs if run.key not in done]
     recipe = retraining_recipe(cfg)
-    record_run(
-        out,
-        cfg,
-        {"dataset": dataset.fingerprint()},
-        device,
-        retraining_recipe={"name": recipe.recipe, **recipe.model_dump(mode="json", exclude={"recipe", "snapshots"})},
-    )
+    provenance = {"name": recipe.recipe, **recipe.model_dump(mode="json", exclude={"recipe", "snapshots"})}
+
+    def record() -> None:
+        record_run(out, cfg, {"dataset": dataset.fingerprint()}, device, retraining_recipe=provenance)
+
+    record()
     t0 = time.perf_counter()
     jobs = min(cfg.roar.jobs, len(todo))
     if jobs > 1 and n == 1:  # the shards in child processes; each writes its own rows
@@ -265,6 +264,7 @@ def evaluate(cfg: RunConfig, modes: list[str], shard: str | None = None) -> dict
         single = cfg.model_copy(update={"roar": cfg.roar.model_copy(update={"jobs": 1})})
         total = len(done | {run.key for run in runs})  # rows results.csv holds when every shard is done
         run_shards(dump_config(single), modes, jobs, out, lambda: len(read_results(results)), total)
+        record()  # the shards recorded their own single-job config and command: this run's are the parent's
     else:
         for run in tqdm(todo, desc="retrain", unit="run", disable=None):
             folder = out / "runs" / run.folder
