@@ -24,7 +24,12 @@ RUN pip install --no-cache-dir -e '.[dev]' \
 
 COPY --chown=roar:roar . .
 
+# Runs the container's command, e.g. `docker run --rm roar task --list`;
+# without arguments, CMD (an interactive shell).
+COPY --chmod=0755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+
 # Numeric uid:gid of the roar user, resolvable on any host.
 USER 1000:1000
 
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 CMD ["bash"]

@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.report import bench_parser, bench_run, header
-from roar.config import TrainingConfig, load_config
+from roar.config import load_config
+from roar.core.device import resolve_device
 from roar.data import build_dataset
-from roar.device import resolve_device
 from roar.models import build_model
+from roar.training.config import TrainingConfig
 from roar.training.recipes import RECIPES, merge
 from roar.training.sources import InMemorySource
 from roar.training.trainer import fit
@@ -159,7 +160,7 @@ def fast_overrides() -> list[dict]:
 
 def throughput(model_cfg, dataset, device, images: int, batch_size: int) -> float:
     """Training images/s of one epoch (forward, backward, Adam step) on ``images`` random images."""
-    from roar.device import autocast, memory_format
+    from roar.core.device import autocast, memory_format
 
     torch.manual_seed(0)
     model = build_model(model_cfg, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
@@ -307,7 +308,7 @@ def ablation(info: dict) -> str:
 
 def projection(info: dict) -> str:
     p = PROTOCOL
-    epochs = load_config("configs/cifar10_resnet8.yaml").roar.training.epochs
+    epochs = load_config("configs/cifar10_resnet8.yaml").retrain.training.epochs
     fast_epochs = RECIPES["fast"]["epochs"]
     runs = p["methods"] * p["thresholds"] * p["seeds"] * p["modes"] + p["baselines"]
     train_flops = 3 * info["flops"]  # forward + backward (about twice the forward)

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 from benchmarks.report import bench_parser, bench_run, header
-from roar.attribution.store import StoreWriter
 from roar.config import load_config
+from roar.core.device import memory_format
 from roar.data import TensorSplit, build_dataset
-from roar.device import memory_format
-from roar.evaluation.fills import build_fill
-from roar.evaluation.retrain_data import ablated_source
-from roar.evaluation.sweep import retraining_recipe
 from roar.models import build_model
+from roar.perturb.fills import build_fill
+from roar.stages.retrain.data import ablated_source
+from roar.stages.retrain.sweep import retraining_recipe
+from roar.store import StoreWriter
 from roar.training.sources import InMemorySource
 from roar.training.trainer import epoch_generator, make_optimizer, make_scheduler, train_one_epoch
 
@@ -80,8 +80,7 @@ def write_store(path: Path, split, dataset_name: str, cfg, seed: int = 0) -> Non
         dataset=dataset_name,
         dataset_fingerprint=split.fingerprint(),
         model_hash="benchmark",
-        reduction=cfg.attribution.reduction,
-        target=cfg.attribution.target,
+        identity={"reduction": cfg.attribution.reduction, "target": cfg.attribution.target},
         channels=False,
         methods={METHOD: {"method": "random", "params": {}}},
         provenance={"benchmark": "retrain"},

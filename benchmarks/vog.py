@@ -2,7 +2,7 @@
 
     python -m benchmarks.vog [--quick] [--write docs/benchmarks.md]
 
-1. **Gradient extraction.** ``roar.vog.gradients.compute_split``, the whole path of ``roar vog``
+1. **Gradient extraction.** ``roar.stages.vog.gradients.compute_split``, the whole path of ``roar vog``
    for one split: loading each snapshot, preparing it (BatchNorm folded, channels_last), one
    batched backward pass per chunk with the true-class logit, the channel mean, the peer arrays
    from the same logits, quantising and staging every chunk (fsynced), the peer cache, and the
@@ -36,14 +36,12 @@ import torch
 
 from benchmarks.report import bench_parser, bench_run, header
 from roar.attribution.engine import input_gradients, max_batch_for, prepare_model
-from roar.attribution.store import StoreWriter
 from roar.config import load_config
+from roar.core.provenance import file_hash
 from roar.data import Dataset, TensorSplit
 from roar.models import build_model
-from roar.provenance import file_hash
-from roar.training.checkpoint import save_atomic
-from roar.training.trainer import model_metadata
-from roar.vog.gradients import (
+from roar.stages.train import model_metadata
+from roar.stages.vog.gradients import (
     METHOD,
     REDUCTION,
     TARGET,
@@ -53,6 +51,8 @@ from roar.vog.gradients import (
     load_snapshot,
     open_gradients,
 )
+from roar.store import StoreWriter
+from roar.training.checkpoint import save_atomic
 from roar.vog.scores import vog_scores
 
 SECTION = "## VoG"
@@ -188,8 +188,7 @@ def write_random_store(path: Path, n: int, k: int, seed: int = 0) -> None:
         dataset="random",
         dataset_fingerprint=split.fingerprint(),
         model_hash="benchmark",
-        reduction=REDUCTION,
-        target=TARGET,
+        identity={"reduction": REDUCTION, "target": TARGET},
         channels=False,
         methods=methods,
         provenance={"benchmark": "vog"},

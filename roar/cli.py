@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -35,82 +35,47 @@ def _load(args):
 
 
 def cmd_train(args) -> str:
-    from roar.training import train
+    from roar.stages import train
 
-    cfg = _load(args)
-    s = train(cfg, restart=args.restart)
-    verb = "already trained" if s.get("skipped") else "trained" if s["epochs"] else "evaluated (training.epochs: 0)"
-    return (
-        f"{verb} {s['model']} on {s['dataset']}: test accuracy {100 * s['test_accuracy']:.2f}% "
-        f"after {s['epochs']} epochs ({s['seconds']:.0f} s) -> {cfg.run_dir / 'train'}"
-    )
+    return train.run(_load(args), restart=args.restart).summary()
 
 
 def cmd_extract(args) -> str:
-    from roar.attribution.extract import extract
+    from roar.stages import extract
 
-    cfg = _load(args)
-    s = extract(cfg)
-    splits = ", ".join(f"{r['split']} ({r['images']})" for r in s["splits"])
-    return f"extracted {len(s['methods'])} methods for {splits} in {s['seconds']:.0f} s -> {s['output']}"
+    return extract.run(_load(args)).summary()
 
 
-def cmd_evaluate(args) -> str:
-    from roar.evaluation.sweep import evaluate
+def cmd_retrain(args) -> str:
+    from roar.stages.retrain import sweep
 
-    cfg = _load(args)
     modes = ["roar", "kar"] if args.mode == "both" else [args.mode]
-    s = evaluate(cfg, modes, args.shard)
-    return (
-        f"{'/'.join(modes)}: ran {s['ran']} of {s['runs']} retraining runs ({s['recipe']} recipe, "
-        f"{s['epochs']} epochs each) in {s['seconds']:.0f} s; "
-        f"results, summary and plot -> {s['output']}"
-    )
+    return sweep.run(_load(args), modes, args.shard).summary()
 
 
-def cmd_lerf(args) -> str:
-    from roar.evaluation.lerf import run
+def cmd_curves(args) -> str:
+    from roar.stages import curves
 
-    cfg = _load(args)
-    s = run(cfg)
-    return (
-        f"perturbation curves of {s['methods']} methods on {s['images']} images ({s['ran']} computed) in "
-        f"{s['seconds']:.0f} s; results, summary and plot -> {s['output']}"
-    )
+    return curves.run(_load(args)).summary()
 
 
 def cmd_vog(args) -> str:
-    from roar.vog.stage import run
+    from roar.stages.vog import stage
 
-    cfg = _load(args)
-    s = run(cfg)
-    splits = ", ".join(f"{r['split']} ({r['images']})" for r in s["splits"])
-    return (
-        f"VoG over {s['snapshots']} snapshots for {splits} ({s['passes']} snapshot passes computed) in "
-        f"{s['seconds']:.0f} s: {s['analysed_split']} error {100 * s['error_lowest_decile']:.1f}% in the lowest "
-        f"VoG decile, {100 * s['error_highest_decile']:.1f}% in the highest; scores, tables and plots -> {s['output']}"
-    )
+    return stage.run(_load(args)).summary()
 
 
 def cmd_vog_toy(args) -> str:
-    from roar.vog.toy import run_toy
+    from roar.stages import vog_toy
 
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
-    s = run_toy(split=args.split, stage=args.stage, vog_cal=args.vog_cal, seed=args.seed, out=args.out, **epochs)
-    rho = (
-        "undefined (no decision boundary in the plotted area)"
-        if s["spearman_rho"] is None
-        else f"{s['spearman_rho']:.3f}"
-    )
-    return (
-        f"VoG toy ({s['split']} split, {s['stage']} stage, {s['vog_cal']}): Spearman rho = {rho} between VoG and "
-        f"distance to the boundary over {s['points']} points (accuracy train {100 * s['train_accuracy']:.1f}%, "
-        f"test {100 * s['test_accuracy']:.1f}%) in {s['seconds']:.1f} s; figures, scores and summary -> {s['output']}"
-    )
+    return vog_toy.run_toy(
+        split=args.split, stage=args.stage, vog_cal=args.vog_cal, seed=args.seed, out=args.out, **epochs
+    ).summary()
 
 
 def cmd_inspect(args) -> str:
-    from roar.attribution.store import describe
+    from roar.store import describe
 
     for path in args.files:
         print(describe(path))
@@ -125,12 +90,17 @@ def cmd_config(args) -> str:
     return f"config {args.config} is valid"
 
 
-def cmd_list(args) -> str:
+def _registries() -> dict:
     from roar.attribution import METHODS
     from roar.data import DATASETS
     from roar.models import MODELS
+    from roar.perturb import FILLS
 
-    registries = {"datasets": DATASETS, "models": MODELS, "methods": METHODS}
+    return {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "fills": FILLS}
+
+
+def cmd_list(args) -> str:
+    registries = _registries()
     for kind in [args.kind] if args.kind else registries:
         print(f"{kind}: {', '.join(registries[kind].names())}")
     return ""
@@ -138,6 +108,7 @@ def cmd_list(args) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from roar import __version__
+    from roar.stages import vog_toy as toy
 
     parser = argparse.ArgumentParser(
         prog="roar", description="Which attribution method to trust, and which training examples are hard."
@@ -154,33 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("evaluate", help="ROAR/KAR: retrain on ablated data (task evaluate-roar, evaluate-kar)")
+    p = sub.add_parser(
+        "retrain",
+        aliases=["evaluate"],
+        help="ROAR/KAR: retrain on images with the top pixels removed or kept (task evaluate-roar, evaluate-kar)",
+    )
     _config_args(p)
     p.add_argument(
         "--mode", choices=["roar", "kar", "both"], default="both", help="remove (roar) or keep (kar) the top pixels"
     )
     p.add_argument("--shard", metavar="I/N", help="run every N-th run starting at I (0-based), to share a sweep")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("lerf", help="MoRF/LeRF, patch degradation and ROAD curves without retraining (task lerf)")
+    p = sub.add_parser(
+        "curves",
+        aliases=["lerf"],
+        help="MoRF, LeRF and random-order curves, pixels or patches, any fill, without retraining (task curves)",
+    )
     _config_args(p)
-    p.set_defaults(func=cmd_lerf)
+    p.set_defaults(func=cmd_curves)
 
     p = sub.add_parser("vog", help="VoG example difficulty and peer scores over the training snapshots (task vog)")
     _config_args(p)
     p.set_defaults(func=cmd_vog)
 
     p = sub.add_parser("vog-toy", help="VoG on 2-D blobs against the distance to the decision boundary (task vog-toy)")
-    p.add_argument("--split", choices=["train", "test"], default="train", help="the points scored (default: train)")
+    p.add_argument("--split", choices=toy.SPLITS, default="train", help="the points scored (default: train)")
     p.add_argument(
         "--stage",
-        choices=["early", "middle", "late", "complete"],
+        choices=toy.STAGES,
         default="complete",
         help="the snapshots used: a third of the epochs, or all (default: complete)",
     )
     p.add_argument(
         "--vog-cal",
-        choices=["raw", "normalize", "abs_normalize"],
+        choices=toy.CALIBRATIONS,
         default="raw",
         help="raw VoG, class-normalised, or its absolute value (default: raw)",
     )
@@ -197,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("list", help="list registered datasets and models")
-    p.add_argument("kind", nargs="?", choices=["datasets", "models", "methods"])
+    p = sub.add_parser("list", help="list the registered datasets, models, methods and fills")
+    p.add_argument("kind", nargs="?", choices=list(_registries()))
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -38,7 +38,7 @@ def tiny_overrides(data_root, tmp_path) -> list[str]:
 def trained_run(tmp_path_factory, data_root):
     """A small ResNet8 trained for a few seconds on shapes: a model whose logits mean something."""
     from roar.config import load_config
-    from roar.training import train
+    from roar.stages.train import run as train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(

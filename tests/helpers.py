@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from roar.metrics import INPUTS
 from roar.models.base import Classifier
 from roar.models.resnet8 import ResNet8
 
@@ -54,3 +55,25 @@ def run_copy(trained_run, tmp_path, name, overrides=()):
     ]
     smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     return load_config(smoke, sets), sets
+
+
+def full_batch(n: int = 6, size: int = 8, classes: int = 4) -> dict:
+    """Every input of ``INPUTS`` for a batch, so one set of keywords serves every metric."""
+    g = torch.Generator().manual_seed(5)
+    inputs = {
+        "images": torch.rand(n, 3, size, size, generator=g),
+        "labels": torch.randint(0, classes, (n,), generator=g),
+        "indices": torch.arange(10, 10 + n),
+        "maps": torch.randn(n, size, size, generator=g),
+        "masks": torch.rand(n, size, size, generator=g) > 0.6,
+        "model": nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, classes)).eval(),
+        "clean": torch.rand(n, classes, generator=g).softmax(1),
+        "perturbed": torch.rand(n, classes, generator=g).softmax(1),
+    }
+    inputs["maps"][0] = 1.0  # a flat map: its top pixels come from the tie-break alone
+    assert set(inputs) == set(INPUTS)
+    return inputs
+
+
+def rows(inputs: dict, index) -> dict:
+    return {k: v if k == "model" else v[index] for k, v in inputs.items()}

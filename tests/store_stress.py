@@ -1,4 +1,4 @@
-"""SIGKILL stress test of the attribution store.
+"""SIGKILL stress test of the array store.
 
 A writer process builds a store in two stages (two methods, then a third added to the finished
 store) and is killed with SIGKILL, then resumed. After every kill the store must be refused as
@@ -67,8 +67,8 @@ def writer_kwargs(methods: tuple[str, ...], n: int) -> dict:
         "dataset": "stress",
         "dataset_fingerprint": "f" * 64,
         "model_hash": "m" * 64,
-        "reduction": "sum_squares",
-        "target": "predicted",
+        "identity": {"reduction": "sum_squares", "target": "predicted"},
+        "rerun": "roar extract",
         "channels": False,
         "methods": {name: METHODS[name] for name in methods},
         "provenance": {"roar_version": "test", "git_commit": "stress"},
@@ -100,7 +100,7 @@ def install_kill_point(kill_at: int | None):
 
 def child(path: str, methods: tuple[str, ...], n: int, report, kill_at: int | None = None) -> None:
     """Write (or resume) a store; reports the rows pending per method, then the number of file operations."""
-    from roar.attribution.store import StoreWriter
+    from roar.store import StoreWriter
 
     counter = install_kill_point(kill_at)
     writer = StoreWriter(path, **writer_kwargs(methods, n))
@@ -128,7 +128,7 @@ def _child_main(conn, path: str, methods: tuple[str, ...], n: int, kill_at: int 
 
 def preload() -> None:
     """Writers fork from a server that has already imported everything they need."""
-    CONTEXT.set_forkserver_preload(["__main__", "numpy", "h5py", "roar.attribution.store"])
+    CONTEXT.set_forkserver_preload(["__main__", "numpy", "h5py", "roar.store"])
 
 
 def spawn(path: Path, methods: tuple[str, ...], n: int, kill_at: int | None = None):
@@ -209,8 +209,8 @@ def check_state(path: Path, methods: tuple[str, ...], n: int, reference: dict, p
     Returns rows done per method, which must never decrease. Every row reported done must hold
     exactly the reference maps. A complete store may lack a method that is about to be added.
     """
-    from roar.attribution.store import AttributionStore
-    from roar.errors import RoarError
+    from roar.core.errors import RoarError
+    from roar.store import AttributionStore
 
     try:
         with AttributionStore.open(path) as store:
@@ -232,7 +232,7 @@ def check_state(path: Path, methods: tuple[str, ...], n: int, reference: dict, p
 
 def _partial(path: Path, methods: tuple[str, ...], reference: dict) -> dict:
     """Rows done per method of an unfinished store, after checking every finished chunk."""
-    from roar.attribution.store import AttributionStore, dequantize
+    from roar.store import AttributionStore, dequantize
 
     with AttributionStore.open(path, require_complete=False) as store:
         for name in store.methods:
@@ -256,7 +256,7 @@ def _phase(path: Path) -> str:
         return "consolidating"
     if staging.exists() and path.exists():
         try:
-            from roar.attribution.store import AttributionStore
+            from roar.store import AttributionStore
 
             with AttributionStore.open(path, require_complete=False) as store:
                 return "adding a method" if not store.complete else "cleaning up after consolidation"

@@ -9,10 +9,9 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from roar.errors import RoarError
-from roar.evaluation import (
+from roar.core.errors import RoarError
+from roar.perturb import (
     FILLS,
-    Ablation,
     ablate,
     build_fill,
     count,
@@ -22,7 +21,6 @@ from roar.evaluation import (
     removal_mask,
     tie_break_keys,
 )
-from roar.training.sources import InMemorySource
 
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 H, W = 7, 9  # 63 positions: no fraction above gives a whole number
@@ -328,26 +326,6 @@ def test_fill_registry():
     assert {"mean", "zero", "blur", "road"} <= set(FILLS.names())
     assert "nonexistent" not in FILLS
     assert build_fill("blur").sigma == 2.0
-
-
-# --------------------------------------------------------------------------------------------- batch hook
-
-
-def test_ablation_hook_on_a_batch_source():
-    n = 40
-    g = torch.Generator().manual_seed(0)
-    images_u8 = torch.randint(0, 256, (n, 3, H, W), generator=g, dtype=torch.uint8)
-    maps = blocky_maps(n, seed=4)
-    hook = Ablation(lambda i: maps[i], 0.3, "kar", build_fill("mean", mean=CIFAR_MEAN), seed=9)
-    source = InMemorySource(images_u8, torch.zeros(n, dtype=torch.long), torch.device("cpu"), transform=hook)
-    seen = torch.empty(n, 3, H, W)
-    for images, _, idx in source.batches(16, torch.Generator().manual_seed(1)):
-        seen[idx] = images
-    clean = images_u8.float() / 255
-    expected = ablate(clean, removal_mask(maps, torch.arange(n), 0.3, "kar", seed=9), hook.fill)
-    assert torch.equal(seen, expected)  # the same ablation whatever batch an image fell into
-    precomputed = Ablation(lambda i: ranks(maps, torch.arange(n), 9)[i], 0.3, "kar", hook.fill, precomputed_ranks=True)
-    assert torch.equal(precomputed(clean[5:9], torch.arange(5, 9)), expected[5:9])
 
 
 # --------------------------------------------------------------------------------------------- vectorised

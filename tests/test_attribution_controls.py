@@ -10,7 +10,7 @@ from scipy import ndimage
 from roar.attribution.base import Context
 from roar.attribution.controls import GroundTruth, RandomMap, Sobel
 from roar.attribution.registry import METHODS
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 
 def test_registered_model_free():

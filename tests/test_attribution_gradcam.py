@@ -8,7 +8,7 @@ from helpers import model_batch, small_resnet8
 
 from roar.attribution.gradcam import GradCAM, resolve_layer
 from roar.attribution.registry import METHODS
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from roar.config import apply_override, config_from_dict, dump_config, load_config, read_yaml
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 
 def error_of(raw: dict, overrides=()) -> str:
@@ -56,29 +56,29 @@ def test_bad_values_name_the_key(override, key):
 def test_the_retraining_recipe_is_the_fast_one_unless_told_otherwise():
     from roar.training.recipes import RECIPES
 
-    default = load_config(None).roar.training
+    default = load_config(None).retrain.training
     assert default.recipe == "fast" and default.epochs == RECIPES["fast"]["epochs"] and default.whiten_init
-    shorter = load_config(None, ["roar.training={epochs: 2}"]).roar.training
+    shorter = load_config(None, ["retrain.training={epochs: 2}"]).retrain.training
     assert shorter.recipe == "fast" and shorter.epochs == 2 and shorter.batch_size == RECIPES["fast"]["batch_size"]
-    seed = load_config(None, ["roar.training={recipe: seed}"]).roar.training
+    seed = load_config(None, ["retrain.training={recipe: seed}"]).retrain.training
     assert seed.epochs == 50 and seed.schedule.name == "step"
-    plain = load_config(None, ["roar.training={recipe: null, epochs: 7}"]).roar.training
+    plain = load_config(None, ["retrain.training={recipe: null, epochs: 7}"]).retrain.training
     assert plain.recipe is None and plain.epochs == 7 and not plain.whiten_init  # the schema's own defaults
-    assert load_config(None, ["roar.training=base"]).roar.training == "base"
-    message = error_of({}, ["roar.training.epocs=3"])
-    assert "roar.training.epocs: unknown key 'epocs' (did you mean 'epochs'?)" in message, message
-    message = error_of({}, ["roar.training.recipe=fsat"])
+    assert load_config(None, ["retrain.training=base"]).retrain.training == "base"
+    message = error_of({}, ["retrain.training.epocs=3"])
+    assert "retrain.training.epocs: unknown key 'epocs' (did you mean 'epochs'?)" in message, message
+    message = error_of({}, ["retrain.training.recipe=fsat"])
     assert "unknown recipe 'fsat' (did you mean 'fast'?)" in message, message
 
 
 def test_leakage_takes_true_or_thresholds():
-    roar = load_config(None, ["roar.thresholds=[10, 50, 90]", "roar.leakage=true"]).roar
+    roar = load_config(None, ["retrain.thresholds=[10, 50, 90]", "retrain.leakage=true"]).retrain
     assert roar.leakage_removed(["roar"]) == [10.0, 50.0, 90.0]
     assert roar.leakage_removed(["roar", "kar"]) == [10.0, 50.0, 90.0]  # KAR's masks are ROAR's complements
-    listed = load_config(None, ["roar.leakage=[30]"]).roar
+    listed = load_config(None, ["retrain.leakage=[30]"]).retrain
     assert listed.leakage_removed(["roar", "kar"]) == [30.0, 70.0] and listed.leakage_removed(["kar"]) == [70.0]
-    assert load_config(None).roar.leakage_removed(["roar", "kar"]) == []
-    assert error_of({}, ["roar.leakage=[0, 50]"]).split(": ", 1)[1].startswith("roar.leakage")
+    assert load_config(None).retrain.leakage_removed(["roar", "kar"]) == []
+    assert error_of({}, ["retrain.leakage=[0, 50]"]).split(": ", 1)[1].startswith("retrain.leakage")
 
 
 def test_overrides_parse_yaml_values_and_create_sections():

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from roar.core.errors import RoarError
 from roar.data import DATASETS, TensorSplit, build_dataset
-from roar.errors import RoarError
 
 
 def config(name: str, **kw):

@@ -14,11 +14,12 @@ from helpers import run_copy
 
 from roar.attribution import create
 from roar.attribution.engine import fold_batchnorm, prepare_model
-from roar.attribution.extract import extract, store_path
-from roar.attribution.store import AttributionStore
 from roar.config import load_config
+from roar.core.errors import RoarError
 from roar.data import build_dataset
-from roar.errors import RoarError
+from roar.stages.extract import run as extract
+from roar.stages.extract import store_path
+from roar.store import AttributionStore
 from roar.training import load_trained_model
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

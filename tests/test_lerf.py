@@ -11,20 +11,20 @@ import torch
 from helpers import run_copy
 from torch import nn
 
-from roar.attribution.extract import extract
-from roar.errors import RoarError
-from roar.evaluation.fills import build_fill
-from roar.evaluation.lerf import areas, run
+from roar.core.errors import RoarError
+from roar.core.tables import read_csv
+from roar.metrics import curve_measures
 from roar.perturb.curves import (
-    PatchMeanFill,
     curve_sums,
-    patch_scores,
     plan_steps,
     position_ranks,
     removal_mask,
     softmax,
 )
-from roar.tables import read_csv
+from roar.perturb.fills import PatchMeanFill, ZeroFillConfig, build_fill
+from roar.perturb.patches import patch_scores
+from roar.stages.curves import areas, run
+from roar.stages.extract import run as extract
 
 H = W = 6
 
@@ -85,9 +85,9 @@ def test_patch_mean_replaces_every_channel_even_below_the_dataset_mean():
     images = torch.rand(2, 3, H, W, generator=g) * 0.2  # far below any dataset mean: negative when centred
     removed = torch.zeros(2, 3, H, W, dtype=torch.bool)
     removed[:, :, :3, 3:] = True
-    from roar.evaluation.fills import ablate
+    from roar.perturb.fills import ablate
 
-    out = ablate(images, removed, PatchMeanFill(3))
+    out = ablate(images, removed, PatchMeanFill(), patch=3)
     patch_mean = images[:, :, :3, 3:].mean(dim=(2, 3), keepdim=True)
     assert torch.allclose(out[:, :, :3, 3:], patch_mean.expand(-1, -1, 3, 3))
     assert torch.equal(out[~removed], images[~removed])
@@ -123,7 +123,9 @@ def test_measures_use_the_clean_prediction_not_class_zero():
     maps = torch.rand(8, H, W, generator=g)
     indices = torch.arange(8)
     fill = build_fill("mean", mean=(0.5, 0.5, 0.5))
-    sums = curve_sums(model, images, labels, indices, maps, "morf", [0, 0.5, 1.0], fill, seed=0)
+    sums = curve_sums(
+        model, images, labels, indices, maps, "morf", [0, 0.5, 1.0], fill, measures=curve_measures(), seed=0
+    )
     clean = softmax(model, images)
     c = clean.argmax(1)
     assert (c == 2).sum() >= 6, "the test needs a clean prediction other than class 0"
@@ -166,16 +168,16 @@ def test_lerf_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained
     overrides = [
         "attribution.methods=[gradient, ground_truth]",
         "attribution.splits=[test]",
-        "lerf.steps=[0, 0.25, 0.5, 1.0]",
-        "lerf.max_images=96",
-        "lerf.batch_size=40",
+        "curves.steps=[0, 0.25, 0.5, 1.0]",
+        "curves.max_images=96",
+        "curves.batch_size=40",
     ]
     cfg, _ = run_copy(trained_run, tmp_path, "lerf", overrides)
     with pytest.raises(RoarError, match="run 'roar extract' first"):
         run(cfg)
     extract(cfg)
     first = run(cfg)
-    out = cfg.run_dir / "lerf"
+    out = cfg.run_dir / "curves"
     rows = read_csv(out / "results.csv")
     curves = {(r["method"], r["order"]) for r in rows}
     assert curves == {
@@ -183,7 +185,7 @@ def test_lerf_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained
         ("gradient", "lerf"),
         ("ground_truth", "morf"),
         ("ground_truth", "lerf"),
-        ("none", "random"),
+        ("random_order", "random"),
     }
     assert len(rows) == 5 * 4 and first["ran"] == 3 and first["images"] == 96
     assert {r["images"] for r in rows} == {"96"}
@@ -192,11 +194,11 @@ def test_lerf_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained
     for name in ("summary.csv", "summary.md", "curves.png", "config.yaml", "provenance.json", "settings.json"):
         assert (out / name).exists(), name
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
-    assert {r["method"] for r in summary} == {"gradient", "ground_truth", "none"}
+    assert {r["method"] for r in summary} == {"gradient", "ground_truth", "random_order"}
     assert run(cfg)["ran"] == 0, "finished methods must be skipped"
 
-    changed = cfg.model_copy(update={"lerf": cfg.lerf.model_copy(update={"fill": {"name": "zero"}})})
-    with pytest.raises(RoarError, match=r"differs in: lerf"):
+    changed = cfg.model_copy(update={"curves": cfg.curves.model_copy(update={"fill": ZeroFillConfig()})})
+    with pytest.raises(RoarError, match=r"differs in: curves"):
         run(changed)
 
 
@@ -204,17 +206,17 @@ def test_patch_degradation_with_patch_mean_fill_runs_through_the_stage(trained_r
     overrides = [
         "attribution.methods=[gradient]",
         "attribution.splits=[test]",
-        "lerf.granularity=patch",
-        "lerf.patch_size=8",
-        "lerf.steps=16",
-        "lerf.fill={name: patch_mean}",
-        "lerf.orders=[morf]",
-        "lerf.max_images=32",
+        "curves.granularity=patch",
+        "curves.patch_size=8",
+        "curves.steps=16",
+        "curves.fill={name: patch_mean}",
+        "curves.orders=[morf]",
+        "curves.max_images=32",
     ]
     cfg, _ = run_copy(trained_run, tmp_path, "patches", overrides)
     extract(cfg)
     run(cfg)
-    rows = read_csv(cfg.run_dir / "lerf" / "results.csv")
+    rows = read_csv(cfg.run_dir / "curves" / "results.csv")
     assert [float(r["fraction"]) for r in rows] == [p / 16 for p in range(17)]
     assert {r["fill"] for r in rows} == {"patch_mean"} and {r["granularity"] for r in rows} == {"patch"}
 
@@ -225,18 +227,75 @@ def test_road_fill_runs_through_the_stage_and_falls_back_to_the_dataset_mean(tra
     common = [
         "attribution.methods=[gradient]",
         "attribution.splits=[test]",
-        "lerf.steps=[0, 0.5, 1.0]",
-        "lerf.orders=[morf]",
-        "lerf.max_images=32",
+        "curves.steps=[0, 0.5, 1.0]",
+        "curves.orders=[morf]",
+        "curves.max_images=32",
     ]
     curves = {}
     for name, fill in [("road", "{name: road, noise: 0}"), ("mean", "{name: mean}")]:
-        cfg, _ = run_copy(trained_run, tmp_path, name, [*common, f"lerf.fill={fill}"])
+        cfg, _ = run_copy(trained_run, tmp_path, name, [*common, f"curves.fill={fill}"])
         extract(cfg)
         run(cfg)
-        rows = [r for r in read_csv(cfg.run_dir / "lerf" / "results.csv") if r["method"] == "gradient"]
+        rows = [r for r in read_csv(cfg.run_dir / "curves" / "results.csv") if r["method"] == "gradient"]
         assert {r["fill"] for r in rows} == {fill.split(",")[0].split()[-1].strip("}")}
         curves[name] = {float(r["fraction"]): (float(r["accuracy"]), float(r["probability"])) for r in rows}
     assert curves["road"][0.0] == curves["mean"][0.0], "step 0 is the clean image for every fill"
     assert curves["road"][1.0] == pytest.approx(curves["mean"][1.0], abs=1e-6)
     assert curves["road"][0.5][1] != pytest.approx(curves["mean"][0.5][1], abs=1e-6), "half removed: imputed, not mean"
+
+
+def test_a_new_curve_measure_reaches_every_output_and_older_parts_are_recomputed(trained_run, tmp_path, monkeypatch):
+    """The stage builds its columns, tables and panels from the registered measures: one registered
+    (here into a copy of the registry) appears in results.csv, summary.csv and summary.md with no
+    edit to the stage, the measures already there keep their values, and a part written without the
+    new column is computed again. A measure needing what the stage cannot supply is refused."""
+    from roar.metrics import METRICS, CurveMeasure, register
+    from roar.stages import curves as stage
+
+    class Confidence(CurveMeasure):
+        name = "confidence"
+        direction = "lower"
+        title = "Top probability"
+
+        def evaluate_batch(self, *, perturbed, **_):
+            return {self.name: perturbed.max(1).values}
+
+    overrides = [
+        "attribution.methods=[gradient]",
+        "attribution.splits=[test]",
+        "curves.steps=[0, 0.5, 1.0]",
+        "curves.max_images=32",
+    ]
+    cfg, _ = run_copy(trained_run, tmp_path, "measures", overrides)
+    extract(cfg)
+    run(cfg)
+    out = cfg.run_dir / "curves"
+    before = read_csv(out / "results.csv")
+    summary_before = read_csv(out / "summary.csv")
+
+    registry = METRICS.copy()
+    register(Confidence, into=registry)
+    monkeypatch.setattr(stage, "curve_measures", lambda: curve_measures(registry))
+    again = run(cfg)
+    assert again["ran"] == 2, "both parts lacked the new column"
+    after = read_csv(out / "results.csv")
+    assert list(after[0]) == [
+        *("method", "order", "granularity", "fill", "step", "fraction"),
+        *("accuracy", "confidence", "probability", "relative_change", "images"),
+    ]
+    assert [{k: v for k, v in r.items() if k != "confidence"} for r in after] == before
+    assert all(0 < float(r["confidence"]) <= 1 for r in after)
+    summary = read_csv(out / "summary.csv")
+    assert {"confidence_morf", "confidence_lerf", "confidence_lerf_minus_morf", "confidence_random"} <= set(summary[0])
+    assert [{k: v for k, v in r.items() if not k.startswith("confidence")} for r in summary] == summary_before
+    assert (
+        "### Top probability — MoRF: lower is better; LeRF − MoRF: higher is better" in (out / "summary.md").read_text()
+    )
+
+    class OnTheObject(Confidence):
+        name = "on_the_object"
+        needs = frozenset({"model", "maps", "masks"})
+
+    register(OnTheObject, into=registry)
+    with pytest.raises(RoarError, match=r"on_the_object.*masks"):
+        run(cfg)

@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 from roar.models import MODELS, Classifier, build_model
 from roar.models.resnet8 import ResNet8Config
 from roar.models.resnet50 import ResNet50Config

@@ -18,7 +18,7 @@ from roar.attribution.engine import input_gradients
 from roar.attribution.gradcam import GradCAM
 from roar.attribution.plugins import PluginAttribution, as_attribution_map, captum
 from roar.attribution.registry import METHODS
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import roar.training.trainer as trainer
-from roar.config import TrainingConfig, dump_config, load_config
-from roar.errors import RoarError
+from roar.config import dump_config, load_config
+from roar.core.errors import RoarError
 from roar.models import MODELS, Classifier, build_model
 from roar.training.augment import flip_choices, random_crop_flip
 from roar.training.averaging import Averages, Lookahead, WeightEMA
 from roar.training.checkpoint import load_checkpoint
+from roar.training.config import TrainingConfig
 from roar.training.recipes import RECIPES, apply_recipe
 from roar.training.sources import InMemorySource
 from roar.training.whitening import first_conv, whiten_first_conv, whitening_filters

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import roar.attribution.store as store_module
-from roar.attribution.store import AttributionStore, StoreWriter
+import roar.store.format as store_module
+from roar.core.errors import RoarError
 from roar.data.base import TensorSplit, channel_stats
-from roar.errors import RoarError
-from roar.evaluation import ablate, build_fill, count, removal_mask, retrain_data
-from roar.evaluation.fills import ConstantFill
-from roar.evaluation.retrain_data import InMemoryAblatedSource, StreamingAblatedSource, ablated_source
+from roar.perturb import ablate, build_fill, count, removal_mask
+from roar.perturb.fills import ConstantFill
+from roar.stages.retrain import data as retrain_data
+from roar.stages.retrain.data import InMemoryAblatedSource, StreamingAblatedSource, ablated_source
+from roar.store import AttributionStore, StoreWriter
 
 N, C, H, W = 300, 3, 16, 16
 P = H * W
@@ -57,8 +58,7 @@ def write_store(path, split: TensorSplit, split_name: str = "train", channels: b
         dataset="toy",
         dataset_fingerprint=split.fingerprint(),
         model_hash="0" * 16,
-        reduction="none" if channels else "sum",
-        target="label",
+        identity={"reduction": "none" if channels else "sum", "target": "label"},
         channels=channels,
         methods=methods,
         provenance={},
@@ -171,7 +171,7 @@ def test_constant_fill_fast_path_matches_the_generic_one(stores):
 
 def test_filled_images_computed_once_equal_the_per_batch_fill(stores, monkeypatch):
     """ROAD and blur images are computed once per source when they fit; the same bits as per batch."""
-    import roar.evaluation.retrain_data as retrain_data
+    import roar.stages.retrain.data as retrain_data
 
     idx = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:100]
     for name in ("road", "blur"):

@@ -10,11 +10,10 @@ import scipy.sparse.linalg
 import torch
 
 from benchmarks.road import scipy_impute as fast_reference  # the benchmark's reference, numpy-built
-from roar.config import RoarConfig
-from roar.errors import RoarError
-from roar.evaluation import ablate, build_fill
-from roar.evaluation.fills import RoadFill, noise_seed
-from roar.perturb import road_impute
+from roar.config import RetrainConfig
+from roar.core.errors import RoarError
+from roar.perturb import ablate, build_fill, road_impute
+from roar.perturb.fills import RoadFill, noise_seed
 
 B, C, H, W = 3, 3, 11, 13  # odd and unequal sides: a transposed axis cannot go unnoticed
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
@@ -311,7 +310,7 @@ def test_the_road_fill_through_build_fill_and_ablate():
 
 
 def test_the_road_fill_config():
-    assert RoarConfig(fill={"name": "road", "noise": 0.02, "seed": 3}).fill["name"] == "road"
+    assert RetrainConfig(fill={"name": "road", "noise": 0.02, "seed": 3}).fill.name == "road"
     fill = build_fill("road", mean=(0.5, 0.5, 0.5), noise=0.02, fallback=[0.1, 0.2, 0.3], seed=3)
     assert (fill.noise, fill.fallback, fill.seed) == (0.02, (0.1, 0.2, 0.3), 3)
     assert build_fill("road").fallback is None  # no dataset mean: road_impute's 0.5

@@ -1,4 +1,5 @@
-"""The attribution store: precision, shapes, chunking, refusals, resumption and SIGKILL safety."""
+"""The array store: precision, shapes, chunking, identities, refusals, resumption, files of the
+earlier format, and SIGKILL safety."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ import h5py
 import numpy as np
 import pytest
 
-from roar.attribution.store import (
+from roar.core.errors import RoarError
+from roar.store import (
     CHUNK_BYTES,
+    FORMAT_VERSION,
     AttributionStore,
+    MapStore,
     StoreWriter,
     chunk_rows_for,
     describe,
     staging_path,
 )
-from roar.errors import RoarError
 
 N = 300
 GEOMETRY = (3, 64, 64)  # 8 KiB per float16 row: 64 rows per chunk, 5 chunks
@@ -28,6 +31,7 @@ METHODS = {
     "grad": {"method": "gradient", "params": {}},
     "ig": {"method": "integrated_gradients", "params": {"steps": 50, "baseline": "zeros"}},
 }
+IDENTITY = {"reduction": "sum_squares", "target": "predicted"}
 
 
 def settings(**overrides) -> dict:
@@ -38,8 +42,8 @@ def settings(**overrides) -> dict:
         "dataset": "shapes",
         "dataset_fingerprint": "ab12" * 16,
         "model_hash": "cd34" * 16,
-        "reduction": "sum_squares",
-        "target": "predicted",
+        "identity": IDENTITY,
+        "rerun": "roar extract",
         "channels": False,
         "methods": METHODS,
         "provenance": {"roar_version": "0.1.0", "git_commit": "0123abcd"},
@@ -132,11 +136,13 @@ def test_compression_options_and_file_layout(tmp_path, data):
             ds = f["maps/ig"]
             assert ds.dtype == np.float16 and ds.shape == (N, *GEOMETRY[1:]) and ds.compression == compression
             assert f["scales/ig"].dtype == np.float32 and f["scales/ig"].shape == (N,)
-            assert f.attrs["format"] == "roar-attributions" and f.attrs["format_version"] == 1
+            assert f.attrs["format"] == "roar-attributions" and f.attrs["format_version"] == FORMAT_VERSION == 2
             assert json.loads(f.attrs["geometry"]) == list(GEOMETRY)
             assert json.loads(f.attrs["provenance"])["git_commit"] == "0123abcd"
-            assert json.loads(ds.attrs["params"]) == METHODS["ig"]["params"]
-            assert ds.attrs["method"] == "integrated_gradients" and ds.attrs["rows_done"] == N
+            assert json.loads(f.attrs["identity"]) == IDENTITY and f.attrs["rerun"] == "roar extract"
+            assert json.loads(ds.attrs["identity"])["params"] == METHODS["ig"]["params"]
+            assert json.loads(ds.attrs["identity"])["method"] == "integrated_gradients" and ds.attrs["rows_done"] == N
+            assert "method" not in ds.attrs and "params" not in ds.attrs and "reduction" not in f.attrs
             assert all(f[key].dtype == np.int64 for key in ("labels", "predictions", "indices"))
         with AttributionStore.open(path) as store, AttributionStore.open(tmp_path / "lzf.h5") as first:
             np.testing.assert_array_equal(store.read("ig"), first.read("ig"))
@@ -215,7 +221,7 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
         AttributionStore.open(path)
     message = str(err.value)
     assert "is unfinished" in message and "ig: 128 of 300 images" in message and "grad: 64 of 300 images" in message
-    assert "rerun the stage that writes it ('roar extract'" in message
+    assert message.endswith("; rerun roar extract to complete it")
     with AttributionStore.open(path, require_complete=False) as store:
         assert store.method_info("ig") == {
             "method": "integrated_gradients",
@@ -231,9 +237,11 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
 
 
 def test_missing_store(tmp_path):
-    expected = r"no attribution store at .*nothing.h5; run the stage that writes it \('roar extract'"
+    expected = r"no attribution store at .*nothing.h5; run the stage that writes it first"
     with pytest.raises(RoarError, match=expected):
         AttributionStore.open(tmp_path / "nothing.h5")
+    with pytest.raises(RoarError, match=r"no store at .*nothing.h5; run roar vog first"):
+        MapStore.open(tmp_path / "nothing.h5", rerun="roar vog")
 
 
 @pytest.mark.parametrize(
@@ -244,8 +252,10 @@ def test_missing_store(tmp_path):
         ({"geometry": (3, 32, 32)}, "geometry 3x64x64, this dataset is 3x32x32"),
         ({"dataset_fingerprint": "ef56" * 16}, "dataset fingerprint ab12ab12ab12..., this dataset is ef56ef56ef56..."),
         ({"model_hash": "9999" * 16}, "model cd34cd34cd34..., this model is 999999999999..."),
-        ({"reduction": "abs"}, "reduction 'sum_squares', this run asks for 'abs'"),
-        ({"target": "label"}, "target 'predicted', this run asks for 'label'"),
+        ({"identity": {**IDENTITY, "reduction": "abs"}}, "reduction 'sum_squares', this run asks for 'abs'"),
+        ({"identity": {**IDENTITY, "target": "label"}}, "target 'predicted', this run asks for 'label'"),
+        ({"identity": {"reduction": "sum_squares"}}, "target 'predicted', this run does not set it"),
+        ({"identity": {**IDENTITY, "fill": "mean"}}, "without fill, this run asks for fill 'mean'"),
         ({"channels": True}, "channels reduced, this run asks for channels kept"),
     ],
 )
@@ -407,6 +417,131 @@ def test_describe_reports_methods_and_completeness(path, data):
     assert text.splitlines()[0].endswith(": complete") and "UNFINISHED" not in text
     for words in ('"steps": 50', "300 / 300 images, complete", "split       test", "cd34" * 16, "git 0123abcd", "MiB"):
         assert words in text
+
+
+# ------------------------------------------------------------------------------ identities and rerun hints
+
+
+SNAPSHOTS = {"epoch_0001": {"epoch": 1, "step": 10}, "epoch_0002": {"epoch": 2, "step": 20}}
+VOG = {"identity": {"content": "vog_input_gradient"}, "methods": SNAPSHOTS, "rerun": "roar vog"}
+
+
+def test_array_sets_of_any_identity_are_stored_and_checked_key_by_key(path):
+    maps = {name: example_maps(N, GEOMETRY[1:], seed=i) for i, name in enumerate(SNAPSHOTS)}
+    build(path, maps, **VOG)
+    with MapStore.open(path) as store:
+        assert store.identity == {"content": "vog_input_gradient"} and store.rerun == "roar vog"
+        assert store.identity_of("epoch_0002") == {"epoch": 2, "step": 20}
+        assert store.method_info("epoch_0002") == {"epoch": 2, "step": 20, "rows_done": N, "n": N, "complete": True}
+        assert_within_float16(store.read("epoch_0002"), maps["epoch_0002"])
+    moved = {**SNAPSHOTS, "epoch_0002": {"epoch": 2, "step": 21}}
+    with pytest.raises(RoarError, match=r"method 'epoch_0002' was computed with step=20, this run asks for step=21; "):
+        StoreWriter(path, **settings(**{**VOG, "methods": moved}))
+    extra = {**SNAPSHOTS, "epoch_0002": {"epoch": 2, "step": 20, "seed": 3}}
+    with pytest.raises(RoarError, match=r"computed with seed=<unset>, this run asks for seed=3; delete it or store"):
+        StoreWriter(path, **settings(**{**VOG, "methods": extra}))
+    with pytest.raises(RoarError, match=r"was made for content 'vog_input_gradient', this run asks for 'other'"):
+        StoreWriter(path, **settings(**{**VOG, "identity": {"content": "other"}}))
+    with pytest.raises(ValueError, match="reserved key"):
+        StoreWriter(path, **settings(methods={"a": {"rows_done": 3}}))
+    text = describe(path)
+    assert "content     vog_input_gradient" in text and "epoch_0001: epoch=1 step=10, 300 / 300 images" in text
+
+
+def test_the_rerun_hint_is_kept_in_the_file_for_readers(tmp_path, data):
+    path = tmp_path / "hinted.h5"
+    with StoreWriter(path, **settings(rerun="roar vog")) as writer:
+        write_all(writer, data, only=["grad"])
+    with pytest.raises(RoarError, match=r"is unfinished .*; rerun roar vog to complete it$"):
+        AttributionStore.open(path)  # staged only: the hint comes from the manifest
+    with pytest.raises(RoarError, match=r"; rerun roar extract to complete it$"):
+        AttributionStore.open(path, rerun="roar extract")  # the caller knows best
+    build(path, data, rerun="roar vog")
+    good = {"dataset": "shapes", "split": "test", "n": N, "geometry": GEOMETRY, "dataset_fingerprint": "ab12" * 16}
+    with AttributionStore.open(path) as store, pytest.raises(RoarError, match="; rerun roar vog for this dataset"):
+        store.validate_for(**{**good, "split": "train"})
+    assert "rerun       roar vog" in describe(path)
+    plain = tmp_path / "plain.h5"
+    with StoreWriter(plain, **settings(rerun=None)) as writer:
+        write_all(writer, data, only=["grad"])
+    with pytest.raises(RoarError, match=r"; rerun the stage that wrote it to complete it$"):
+        AttributionStore.open(plain)
+
+
+# -------------------------------------------------------------------------------- files of format version 1
+
+
+def to_version_1(path: Path) -> None:
+    """Rewrite a store's attributes as format version 1 had them (the store of attribution maps only)."""
+    with h5py.File(path, "r+") as f:
+        identity = json.loads(f.attrs["identity"])
+        for key in ("identity", "rerun"):
+            del f.attrs[key]
+        f.attrs["format_version"] = 1
+        f.attrs["reduction"], f.attrs["target"] = identity["reduction"], identity["target"]
+        for ds in f["maps"].values():
+            spec = json.loads(ds.attrs["identity"])
+            del ds.attrs["identity"]
+            ds.attrs["method"], ds.attrs["params"] = spec["method"], json.dumps(spec["params"], sort_keys=True)
+
+
+def manifest_to_version_1(path: Path) -> None:
+    manifest_path = staging_path(path) / "store.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(manifest.pop("identity"), format_version=1)
+    del manifest["rerun"]
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_version_1_file_reads_the_same_and_is_extended_in_place_of_itself(tmp_path, data):
+    new, old = tmp_path / "new.h5", tmp_path / "old.h5"
+    build(new, data)
+    build(old, data)
+    to_version_1(old)
+    with h5py.File(old, "r") as f:
+        assert f.attrs["format_version"] == 1 and f["maps/ig"].attrs["method"] == "integrated_gradients"
+    with AttributionStore.open(new) as a, AttributionStore.open(old) as b:
+        assert b.methods == a.methods and b.identity == a.identity == IDENTITY and b.rerun is None
+        for name in METHODS:
+            assert np.array_equal(a.read(name), b.read(name)) and a.method_info(name) == b.method_info(name)
+        assert all(np.array_equal(getattr(a, key), getattr(b, key)) for key in ("labels", "predictions", "indices"))
+    text = describe(old)
+    assert "grad: gradient {}, 300 / 300 images, complete" in text and "reduction   sum_squares" in text
+    with pytest.raises(RoarError, match="reduction 'sum_squares', this run asks for 'abs'"):
+        StoreWriter(old, **settings(identity={**IDENTITY, "reduction": "abs"}))
+    with pytest.raises(RoarError, match="method 'ig' was computed with steps=50, this run asks for steps=32"):
+        StoreWriter(old, **settings(methods={"ig": {**METHODS["ig"], "params": {"steps": 32, "baseline": "zeros"}}}))
+    extra = {**METHODS, "sg": {"method": "smoothgrad", "params": {"n": 25}}}
+    sg = {"sg": example_maps(N, GEOMETRY[1:], seed=9)}
+    for path in (new, old):
+        with StoreWriter(path, **settings(methods=extra)) as writer:
+            assert writer.pending("ig") == [] and writer.pending("sg") == [(0, N)]
+            write_all(writer, sg)
+            writer.finish()
+    with h5py.File(new, "r") as a, h5py.File(old, "r") as b:
+        assert b.attrs["format_version"] == FORMAT_VERSION and "reduction" not in b.attrs
+        assert dict(a.attrs) == dict(b.attrs)
+        for name in extra:
+            assert dict(a["maps"][name].attrs) == dict(b["maps"][name].attrs)
+            for group in ("maps", "scales"):
+                assert np.array_equal(a[group][name][:].view(np.uint8), b[group][name][:].view(np.uint8))
+
+
+def test_a_version_1_staging_folder_resumes(tmp_path, data):
+    whole, resumed = tmp_path / "whole.h5", tmp_path / "resumed.h5"
+    build(whole, data)
+    with StoreWriter(resumed, **settings()) as writer:
+        write_all(writer, data, only=["grad"])
+    manifest_to_version_1(resumed)
+    with AttributionStore.open(resumed, require_complete=False) as store:
+        assert store.identity == IDENTITY and store.method_info("grad")["rows_done"] == N
+    with StoreWriter(resumed, **settings()) as writer:
+        assert writer.pending("grad") == [] and writer.pending("ig") == [(0, N)]
+        write_all(writer, data)
+        writer.finish()
+    with h5py.File(whole, "r") as a, h5py.File(resumed, "r") as b:
+        for key in ("maps/grad", "maps/ig", "scales/grad", "scales/ig", "labels", "indices"):
+            assert np.array_equal(a[key][:], b[key][:]), key
 
 
 # ----------------------------------------------------------------------------------------------- SIGKILL

@@ -8,17 +8,18 @@ import pytest
 import torch
 from helpers import run_copy
 
-from roar.attribution.extract import extract
 from roar.config import load_config
-from roar.errors import RoarError
-from roar.evaluation.summary import aggregate
-from roar.evaluation.sweep import append_result, evaluate, parse_shard, plan, read_results
+from roar.core.errors import RoarError
+from roar.stages.extract import run as extract
+from roar.stages.retrain.summary import aggregate
+from roar.stages.retrain.sweep import append_result, parse_shard, plan, read_results
+from roar.stages.retrain.sweep import run as evaluate
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_shards_partition_the_plan_with_no_overlap_and_no_gap():
-    cfg = load_config(None, ["roar.seeds=2", "roar.thresholds=[10, 50, 90]"])
+    cfg = load_config(None, ["retrain.seeds=2", "retrain.thresholds=[10, 50, 90]"])
     runs = plan(cfg, ["roar", "kar"], ["gradient", "random", "sobel"])
     assert len(runs) == 2 + 2 * 3 * 3 * 2
     assert runs == plan(cfg, ["roar", "kar"], ["gradient", "random", "sobel"])
@@ -34,7 +35,7 @@ def test_shards_partition_the_plan_with_no_overlap_and_no_gap():
 
 
 def test_methods_missing_from_the_store_are_named():
-    cfg = load_config(None, ["roar.methods=[gradient, vargrad]"])
+    cfg = load_config(None, ["retrain.methods=[gradient, vargrad]"])
     with pytest.raises(RoarError, match="vargrad not in both attribution stores"):
         plan(cfg, ["roar"], ["gradient", "random"])
 
@@ -74,31 +75,31 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
         "sweep",
         [
             "attribution.methods=[ground_truth, random]",
-            "roar.thresholds=[50]",
-            "roar.seeds=1",
-            "roar.training.epochs=1",
+            "retrain.thresholds=[50]",
+            "retrain.seeds=1",
+            "retrain.training.epochs=1",
         ],
     )
     out = cfg.run_dir
     extract(cfg)
     first = evaluate(cfg, ["roar"], shard="0/2")
-    rows = read_results(out / "roar" / "results.csv")
+    rows = read_results(out / "retrain" / "results.csv")
     assert first["ran"] == len(rows) == 2  # runs 0 and 2 of [baseline, ground_truth, random]
     second = evaluate(cfg, ["roar"])
     assert second["ran"] == 1, "finished runs must be skipped"
-    rows = read_results(out / "roar" / "results.csv")
+    rows = read_results(out / "retrain" / "results.csv")
     assert sorted((r["mode"], r["method"]) for r in rows) == [
-        ("baseline", "none"),
+        ("baseline", "unmodified"),
         ("roar", "ground_truth"),
         ("roar", "random"),
     ]
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
     for name in ("summary.csv", "summary.md", "accuracy.png", "config.yaml", "provenance.json"):
-        assert (out / "roar" / name).exists(), name
-    assert "ground_truth" in (out / "roar" / "summary.md").read_text()
-    assert not (out / "roar" / "runs").exists() or not any((out / "roar" / "runs").iterdir())
-    other = load_config(REPO / "configs" / "smoke.yaml", [*sets, "roar.training.epochs=2"])
-    provenance = json.loads((out / "roar" / "provenance.json").read_text())
+        assert (out / "retrain" / name).exists(), name
+    assert "ground_truth" in (out / "retrain" / "summary.md").read_text()
+    assert not (out / "retrain" / "runs").exists() or not any((out / "retrain" / "runs").iterdir())
+    other = load_config(REPO / "configs" / "smoke.yaml", [*sets, "retrain.training.epochs=2"])
+    provenance = json.loads((out / "retrain" / "provenance.json").read_text())
     assert provenance["retraining_recipe"]["name"] == "fast"
     assert provenance["retraining_recipe"]["epochs"] == 1 and provenance["retraining_recipe"]["whiten_init"]
     with pytest.raises(RoarError, match="differs in: recipe"):
@@ -107,23 +108,23 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
 
 def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):
     from roar.data import build_dataset
-    from roar.evaluation.sweep import Run, _sources
+    from roar.stages.retrain.sweep import Run, _sources
 
     overrides = [
         "attribution.methods=[ground_truth]",
-        "roar.methods=[ground_truth]",
-        "roar.leakage=true",
-        "roar.thresholds=[30]",
-        "roar.seeds=2",
+        "retrain.methods=[ground_truth]",
+        "retrain.leakage=true",
+        "retrain.thresholds=[30]",
+        "retrain.seeds=2",
     ]
     cfg, _ = run_copy(trained_run, tmp_path, "leak", overrides)
     runs = plan(cfg, ["roar"], ["ground_truth"])
     assert [(r.mode, r.threshold) for r in runs].count(("leak", 30.0)) == 1  # one seed only
     # KAR keeping the top 70% removes exactly ROAR's 30% complement: one leakage run serves both.
-    symmetric = cfg.model_copy(update={"roar": cfg.roar.model_copy(update={"thresholds": [30, 70]})})
+    symmetric = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"thresholds": [30, 70]})})
     leaks = [r for r in plan(symmetric, ["roar", "kar"], ["ground_truth"]) if r.mode == "leak"]
     assert leaks == [Run("leak", "ground_truth", 30.0, 0), Run("leak", "ground_truth", 70.0, 0)]
-    kar_only = cfg.model_copy(update={"roar": cfg.roar.model_copy(update={"leakage": [10, 30]})})
+    kar_only = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"leakage": [10, 30]})})
     assert [r.threshold for r in plan(kar_only, ["kar"], ["ground_truth"]) if r.mode == "leak"] == [70.0, 90.0]
     extract(cfg)
     dataset = build_dataset(cfg.dataset)
@@ -143,9 +144,9 @@ def test_training_augments_the_ablated_images_and_evaluation_does_not(trained_ru
     """Loader order: ablation → augmentation → normalisation (inside the model); test set unaugmented."""
     import roar.training.trainer as trainer
     from roar.data import build_dataset
-    from roar.evaluation.sweep import Run, retrain, retraining_recipe
+    from roar.stages.retrain.sweep import Run, retrain, retraining_recipe
 
-    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.training.epochs=1"]
+    overrides = ["attribution.methods=[ground_truth]", "retrain.methods=[ground_truth]", "retrain.training.epochs=1"]
     cfg, _ = run_copy(trained_run, tmp_path, "order", overrides)
     extract(cfg)
     dataset = build_dataset(cfg.dataset)
@@ -174,22 +175,22 @@ def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trai
     import sys
     import time
 
-    overrides = ["attribution.methods=[ground_truth]", "roar.methods=[ground_truth]", "roar.training.epochs=4"]
+    overrides = ["attribution.methods=[ground_truth]", "retrain.methods=[ground_truth]", "retrain.training.epochs=4"]
     straight, _ = run_copy(trained_run, tmp_path, "straight", overrides)
     killed, sets = run_copy(trained_run, tmp_path, "killed", overrides)
     extract(straight)
     shutil.copytree(straight.run_dir / "attributions", killed.run_dir / "attributions")
-    command = [sys.executable, "-m", "roar", "evaluate", "--config", "configs/smoke.yaml", "--mode", "roar"]
+    command = [sys.executable, "-m", "roar", "retrain", "--config", "configs/smoke.yaml", "--mode", "roar"]
     command += [x for s in sets for x in ("--set", s)]
 
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed.run_dir / "roar" / "runs" / "roar-ground_truth-50-seed0" / "last.pt"
+    checkpoint = killed.run_dir / "retrain" / "runs" / "roar-ground_truth-50-seed0" / "last.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    results = killed.run_dir / "roar" / "results.csv"
+    results = killed.run_dir / "retrain" / "results.csv"
     assert [r["mode"] for r in read_results(results)] == ["baseline"], "killed outside the second run"
 
     resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -198,7 +199,7 @@ def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trai
 
     def rows(cfg):
         keep = ("mode", "method", "threshold", "seed", "test_accuracy", "test_loss", "epochs")
-        return [{k: r[k] for k in keep} for r in read_results(cfg.run_dir / "roar" / "results.csv")]
+        return [{k: r[k] for k in keep} for r in read_results(cfg.run_dir / "retrain" / "results.csv")]
 
     assert rows(killed) == rows(straight) and len(rows(killed)) == 2
 
@@ -206,13 +207,13 @@ def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trai
 def test_jobs_share_the_sweep_in_child_processes_with_the_rows_of_one_process(trained_run, tmp_path, monkeypatch):
     import shutil
 
-    import roar.evaluation.jobs as jobs
+    import roar.stages.retrain.jobs as jobs
 
-    overrides = ["attribution.methods=[ground_truth, random]", "roar.thresholds=[50]", "roar.training.epochs=1"]
+    overrides = ["attribution.methods=[ground_truth, random]", "retrain.thresholds=[50]", "retrain.training.epochs=1"]
     alone, _ = run_copy(trained_run, tmp_path, "alone", overrides)
     extract(alone)
     evaluate(alone, ["roar"])
-    shared, _ = run_copy(trained_run, tmp_path, "shared", [*overrides, "roar.jobs=2"])
+    shared, _ = run_copy(trained_run, tmp_path, "shared", [*overrides, "retrain.jobs=2"])
     shutil.copytree(alone.run_dir / "attributions", shared.run_dir / "attributions")
     # Children get cores // jobs threads each: as many as this process has, so the numbers can be compared.
     monkeypatch.setattr(jobs, "cores", lambda: 2 * torch.get_num_threads())
@@ -222,20 +223,20 @@ def test_jobs_share_the_sweep_in_child_processes_with_the_rows_of_one_process(tr
     def rows(cfg):
         return {
             tuple(r[c] for c in ("mode", "method", "threshold", "seed")): r["test_accuracy"]
-            for r in read_results(cfg.run_dir / "roar" / "results.csv")
+            for r in read_results(cfg.run_dir / "retrain" / "results.csv")
         }
 
     assert rows(shared) == rows(alone)
-    assert (shared.run_dir / "roar" / "summary.md").exists()
-    logs = sorted(p.name for p in (shared.run_dir / "roar" / "jobs").glob("shard-*.log"))
+    assert (shared.run_dir / "retrain" / "summary.md").exists()
+    logs = sorted(p.name for p in (shared.run_dir / "retrain" / "jobs").glob("shard-*.log"))
     assert logs == ["shard-0.log", "shard-1.log"]
-    assert not (shared.run_dir / "roar" / "jobs" / "config.yaml").exists()
-    recorded = load_config(shared.run_dir / "roar" / "config.yaml")
-    assert recorded.roar.jobs == 2, "the run's config.yaml is the parent's, not a shard's"
+    assert not (shared.run_dir / "retrain" / "jobs" / "config.yaml").exists()
+    recorded = load_config(shared.run_dir / "retrain" / "config.yaml")
+    assert recorded.retrain.jobs == 2, "the run's config.yaml is the parent's, not a shard's"
 
 
 def test_a_failing_shard_is_reported_by_its_error_line(tmp_path):
-    from roar.evaluation.jobs import run_shards
+    from roar.stages.retrain.jobs import run_shards
 
     with pytest.raises(RoarError, match=r"shard [01]/2 of the sweep failed \(exit 2\): .*unknown key 'epocs'"):
         run_shards("training: {epocs: 3}\n", ["roar"], 2, tmp_path, lambda: 0, 4)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from roar.config import load_config
-from roar.errors import RoarError
-from roar.training import load_trained_model, train
+from roar.core.errors import RoarError
+from roar.stages.train import run as train
+from roar.training import load_trained_model
 from roar.training.augment import random_crop_flip
 from roar.training.checkpoint import load_checkpoint
 
@@ -158,7 +159,7 @@ def test_zero_epochs_saves_the_model_as_built_for_evaluation_only(tiny_overrides
 
 
 def test_roar_retraining_starts_from_scratch_even_with_pretrained_weights(tiny_overrides, monkeypatch):
-    import roar.evaluation.sweep as sweep
+    import roar.stages.retrain.sweep as sweep
     from roar.data import build_dataset
 
     cfg = load_config(None, [*tiny_overrides, "model={name: resnet50, weights: /nowhere/weights.pt}"])
@@ -170,13 +171,13 @@ def test_roar_retraining_starts_from_scratch_even_with_pretrained_weights(tiny_o
 
     monkeypatch.setattr(sweep, "build_model", record)
     with pytest.raises(KeyboardInterrupt):
-        sweep.retrain(cfg, build_dataset(cfg.dataset), sweep.Run("baseline", "none", 0.0, 0), None, "cpu")
+        sweep.retrain(cfg, build_dataset(cfg.dataset), sweep.Run("baseline", "unmodified", 0.0, 0), None, "cpu")
     assert built[0].name == "resnet50" and built[0].weights is None
-    with pytest.raises(RoarError, match="roar.training.epochs: set the retraining epochs"):
+    with pytest.raises(RoarError, match="retrain.training.epochs: set the retraining epochs"):
         zero = cfg.model_copy(
             update={
                 "training": cfg.training.model_copy(update={"epochs": 0}),
-                "roar": cfg.roar.model_copy(update={"training": "base"}),
+                "retrain": cfg.retrain.model_copy(update={"training": "base"}),
             }
         )
-        sweep.retrain(zero, build_dataset(cfg.dataset), sweep.Run("baseline", "none", 0.0, 0), None, "cpu")
+        sweep.retrain(zero, build_dataset(cfg.dataset), sweep.Run("baseline", "unmodified", 0.0, 0), None, "cpu")

@@ -14,16 +14,13 @@ import torch.nn.functional as F
 from helpers import run_copy
 from torch import nn
 
-from roar.attribution.store import StoreWriter
 from roar.cli import main
 from roar.config import VogConfig
+from roar.core.errors import RoarError
+from roar.core.provenance import file_hash
 from roar.data import build_dataset
-from roar.errors import RoarError
-from roar.provenance import file_hash
-from roar.training import load_run_model
-from roar.training.checkpoint import save_atomic
-from roar.vog.analysis import auroc_table, decile_bins, decile_table
-from roar.vog.gradients import (
+from roar.stages.train import load_run_model
+from roar.stages.vog.gradients import (
     METHOD,
     REDUCTION,
     TARGET,
@@ -35,9 +32,12 @@ from roar.vog.gradients import (
     load_snapshot,
     open_gradients,
 )
+from roar.stages.vog.stage import el2n_position, resolve_stages, run
+from roar.store import StoreWriter
+from roar.training.checkpoint import save_atomic
+from roar.vog.analysis import auroc_table, decile_bins, decile_table
 from roar.vog.peers import PeerCache, data_map, forgetting_events, grand_norms, peer_scores, snapshot_peers
 from roar.vog.scores import class_normalize, default_stages, vog_scores
-from roar.vog.stage import el2n_position, resolve_stages, run
 
 
 def numpy_vog(g: np.ndarray) -> np.ndarray:
@@ -193,8 +193,7 @@ def test_gradient_reader_streams_the_same_vog_as_numpy_on_the_whole_array(tmp_pa
         dataset="toy",
         dataset_fingerprint="f",
         model_hash="m",
-        reduction=REDUCTION,
-        target=TARGET,
+        identity={"reduction": REDUCTION, "target": TARGET},
         channels=False,
         methods={
             name: {"method": METHOD, "params": {"epoch": t + 1, "step": 10 * (t + 1)}} for name, t in names.items()
@@ -230,8 +229,7 @@ def test_a_store_of_attribution_maps_is_not_read_as_gradients(tmp_path):
         dataset="toy",
         dataset_fingerprint="f",
         model_hash="m",
-        reduction="sum_squares",
-        target="predicted",
+        identity={"reduction": "sum_squares", "target": "predicted"},
         channels=False,
         methods={"gradient": {"method": "gradient", "params": {}}},
         provenance={},

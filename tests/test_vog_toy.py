@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from roar.cli import build_parser, main
-from roar.errors import RoarError
-from roar.vog import toy
+from roar.core.errors import RoarError
+from roar.stages import vog_toy as toy
 from roar.vog.scores import vog_scores
 
 EPOCHS = 9  # three snapshots per stage: enough for a boundary inside the plot, a fraction of a second

@@ -13,8 +13,8 @@ from roar.attribution import controls, gradcam, gradient, guided, integrated, no
 from roar.attribution.base import Attribution, Context, MethodConfig
 from roar.attribution.plugins import PluginAttribution
 from roar.attribution.registry import METHODS
-from roar.errors import RoarError
-from roar.schema import format_validation_error
+from roar.core.errors import RoarError
+from roar.core.schema import format_validation_error
 
 
 def create(name: str, **params) -> Attribution:

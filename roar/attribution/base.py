@@ -13,6 +13,16 @@ always passes and direct callers may omit:
 * ``context``: per-example data from the dataset (``indices``, ground-truth ``masks``) and shared
   data (``references``: training images for expected gradients).
 
+What a method needs from the context it declares in ``needs`` (a subset of ``NEEDS``), and the
+extraction stage supplies exactly that: reference images are sampled only when some method needs
+them, and a dataset without object masks is refused up front when some method needs masks. A
+method's name is never what decides this, so a new or renamed method gets its data by saying so.
+
+A method whose map is a deterministic function of the input, computed from input gradients, says
+``smoothable = True``: a noise tunnel (``roar.attribution.noise``) may then average it over noisy
+copies of the input. Such a method needs nothing from the context (the noisy copies have no masks
+or dataset indices of their own).
+
 Methods that share passes declare it with ``shared_key``: the extraction stage computes one
 ``shared`` result per key and hands it to every method with that key (gradient and grad×input
 share one backward pass; SmoothGrad, SmoothGrad² and VarGrad of one base share their noisy
@@ -29,7 +39,13 @@ from pydantic import Field
 from torch import nn
 
 from roar.attribution.engine import DEFAULT_MAX_BATCH
-from roar.schema import Section
+from roar.core.schema import Section
+
+# What a method may need beyond the batch, and where the extraction stage puts it.
+NEEDS: dict[str, str] = {
+    "masks": "the dataset's ground-truth object masks (context.masks)",
+    "references": "a seeded sample of training images (context.references)",
+}
 
 
 class MethodConfig(Section):
@@ -58,12 +74,16 @@ class Attribution:
     """Base of every method. Subclasses set ``config`` and implement ``attribute``.
 
     ``requires_model`` is False for model-independent controls (sobel, ground_truth, random).
+    ``needs`` names what the method reads from the ``Context`` (keys of ``NEEDS``); ``smoothable``
+    says that a noise tunnel may wrap it (see the module docstring).
     ``passes`` is the number of forward+backward passes per image, for budgets and floors.
     """
 
     name: ClassVar[str]
     config: ClassVar[type[MethodConfig]] = MethodConfig
     requires_model: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset()
+    smoothable: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.params = self.config.model_validate(params)

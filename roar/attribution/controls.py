@@ -6,7 +6,8 @@ information about the model, and one that does no better than an edge detector m
 finding edges. ``ground_truth`` is the oracle at the other end: on datasets with object masks
 (``shapes``), the labelled object itself.
 
-All three ignore the model (``requires_model = False``) and return [B, 1, H, W] float32 maps.
+All three ignore the model (``requires_model = False``) and return [B, 1, H, W] float32 maps;
+``ground_truth`` declares that it needs the dataset's masks (``needs``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from roar.attribution.base import Attribution, MethodConfig
 from roar.attribution.registry import register
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 
 class ControlConfig(MethodConfig):
@@ -79,6 +80,7 @@ class GroundTruth(Attribution):
     name = "ground_truth"
     config = ControlConfig
     requires_model = False
+    needs = frozenset({"masks"})
 
     def attribute(self, model, images: torch.Tensor, targets: torch.Tensor, *, generator, context) -> torch.Tensor:
         masks = context.masks if context is not None else None

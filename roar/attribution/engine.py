@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from roar.device import autocast, memory_format
+from roar.core.device import autocast, memory_format
 
 DEFAULT_MAX_BATCH = None  # chosen per device by ``max_batch_for``
 
@@ -69,7 +69,9 @@ def input_gradients(
     uses softmax). Rows are independent (the model is in eval mode), so summing the selected
     scores of a chunk and taking one backward pass gives every row's own gradient.
     """
-    grads = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device)
+    # float32 maps from float32 or half inputs; float64 inputs (VoG's toy) keep their precision.
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    grads = torch.empty(inputs.shape, dtype=dtype, device=inputs.device)
     targets = targets.to(inputs.device)
     max_batch = max_batch_for(inputs.device, max_batch)
     # channels_last where the model's convolutions use it (as ``prepare_model`` sets up).
@@ -79,10 +81,10 @@ def input_gradients(
             stop = min(start + max_batch, len(inputs))
             x = inputs[start:stop].detach().contiguous(memory_format=fmt).requires_grad_(True)
             with torch.enable_grad(), autocast(inputs.device, amp):
-                logits = model(x).float()
+                logits = model(x).to(dtype)
                 scores = output(logits) if output is not None else logits
                 (grad,) = torch.autograd.grad(select(scores, targets[start:stop]).sum(), x)
-            grads[start:stop] = grad.float()
+            grads[start:stop] = grad.to(dtype)
     return grads
 
 

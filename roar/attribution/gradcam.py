@@ -27,8 +27,8 @@ from torch import nn
 from roar.attribution.base import Attribution, EngineConfig
 from roar.attribution.engine import DEFAULT_MAX_BATCH, frozen, max_batch_for, select
 from roar.attribution.registry import register
-from roar.errors import RoarError
-from roar.registry import closest
+from roar.core.errors import RoarError
+from roar.core.registry import closest
 
 
 def last_spatial_layer(model: nn.Module, images: torch.Tensor) -> str:

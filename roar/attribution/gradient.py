@@ -1,6 +1,7 @@
 """Plain gradients (Simonyan et al. 2014) and gradient × input (Shrikumar et al. 2016).
 
-Both come from the same single backward pass: requested together, they share it.
+Both come from the same single backward pass: requested together, they share it. Both are
+functions of the input alone, so a noise tunnel may wrap either (``smoothable``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from roar.attribution.registry import register
 
 class _GradientFamily(Attribution):
     config = EngineConfig
+    smoothable = True
 
     def shared_key(self):
         return ("gradient",)

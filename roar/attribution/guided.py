@@ -140,6 +140,7 @@ class GuidedBackprop(Attribution):
 
     name = "guided_backprop"
     config = EngineConfig
+    smoothable = True  # the ROAR paper's GB-SG, GB-SG², GB-VarGrad
 
     def attribute(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, generator, context

@@ -17,7 +17,7 @@ from pydantic import Field
 from roar.attribution.base import Attribution, EngineConfig
 from roar.attribution.engine import input_gradients, max_batch_for
 from roar.attribution.registry import register
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 Rule = Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
 
@@ -97,6 +97,7 @@ class IntegratedGradients(Attribution):
 
     name = "integrated_gradients"
     config = IntegratedGradientsConfig
+    smoothable = True  # the ROAR paper's IG-SG, IG-SG², IG-VarGrad and PGIG's SG-IG
 
     @property
     def passes(self) -> int:
@@ -120,6 +121,8 @@ class ExpectedGradients(Attribution):
 
     name = "expected_gradients"
     config = ExpectedGradientsConfig
+    # Not smoothable: it is already an average over random draws, and each draw needs references.
+    needs = frozenset({"references"})
 
     @property
     def passes(self) -> int:

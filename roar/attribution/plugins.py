@@ -27,8 +27,8 @@ from torch import nn
 from roar.attribution.base import Attribution, MethodConfig
 from roar.attribution.engine import frozen
 from roar.attribution.gradcam import resolve_layer
-from roar.errors import RoarError
-from roar.registry import closest
+from roar.core.errors import RoarError
+from roar.core.registry import closest
 
 
 def import_object(path: str) -> Any:

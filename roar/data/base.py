@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from roar.schema import Section
+from roar.core.schema import Section
 
 # Codes of the per-example difficulty tag; datasets without tags report every example "clean".
 TAGS = ("clean", "low_contrast", "occluded", "two_objects")

@@ -17,9 +17,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from roar.core.errors import RoarError
 from roar.data.base import Dataset, DatasetConfig, TensorSplit
 from roar.data.registry import DATASETS
-from roar.errors import RoarError
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

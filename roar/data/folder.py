@@ -18,9 +18,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from roar.core.errors import RoarError
 from roar.data.base import Dataset, DatasetConfig, ImageSplit
 from roar.data.registry import DATASETS
-from roar.errors import RoarError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,5 +1,5 @@
 """The dataset registry: ``DATASETS.create(cfg.name, cfg)`` builds any registered dataset."""
 
-from roar.registry import Registry
+from roar.core.registry import Registry
 
 DATASETS: Registry = Registry("dataset")

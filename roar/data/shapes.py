@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +26,7 @@ import numpy as np
 from pydantic import Field
 from tqdm import tqdm
 
+from roar.core.atomic import replace_atomic
 from roar.data.base import TAGS, Dataset, DatasetConfig, TensorSplit, channel_stats
 from roar.data.registry import DATASETS
 
@@ -253,10 +253,8 @@ def _split(cfg: ShapesConfig, split: str) -> TensorSplit:
     if arrays is None:
         arrays = generate(n, seed, cfg.image_size, cfg.hard_fraction, cfg.distractors, desc=f"shapes {split}")
         if cfg.cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, **dict(zip(("images", "labels", "masks", "tags", "others"), arrays)))
-            os.replace(tmp, path)
+            named = dict(zip(("images", "labels", "masks", "tags", "others"), arrays))
+            replace_atomic(path, lambda f: np.savez(f, **named))
     images, labels, masks, tags, others = arrays
     return TensorSplit(images, labels, masks=masks, tags=tags, other_labels=others)
 

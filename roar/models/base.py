@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from roar.schema import Section
+from roar.core.schema import Section
 
 
 class ModelConfig(Section):

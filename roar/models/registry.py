@@ -1,5 +1,5 @@
 """The model registry: ``MODELS.create(cfg.name, cfg, num_classes=..., in_channels=...)``."""
 
-from roar.registry import Registry
+from roar.core.registry import Registry
 
 MODELS: Registry = Registry("model")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 from roar.models.base import ModelConfig
 from roar.models.registry import MODELS
 

@@ -2,60 +2,44 @@
 
 For an image x with clean prediction c and a ranking of its positions by an attribution map, step s
 replaces the k_s most relevant positions (MoRF, Samek et al. 2017), the k_s least relevant ones
-(LeRF) or k_s positions in a fixed random order (the control), and measures the model on the
-result x̃: accuracy against the label, the softmax probability p_c(x̃) of the *clean* prediction,
-and the relative change |p_c(x) − p_c(x̃)| / p_c(x) × 100 (the ROAR seed's LeRF measure).
+(LeRF) or k_s positions in a fixed random order (the control), and runs the model on the result x̃.
+What is measured on those outputs (accuracy, the probability of the clean prediction, its relative
+change, …) is not decided here: the caller passes the measures, the curve measures registered in
+``roar.metrics``. This layer sits below ``roar.metrics`` and cannot read that registry itself, and
+the engine needs no more of a measure than its ``name`` and ``evaluate_batch``.
+
+At each step every measure gets the same keywords (``labels``, ``indices``, ``maps``, ``clean`` and
+``perturbed``: the softmax on the clean and on the perturbed images) and returns ``{name: values}``,
+one value per image; the engine sums them over the images, so batches add up exactly (sums of the
+same float32 per-image values, whatever the batch split of the sums' caller).
 
 Positions are pixels (all channels together) or square patches (the PGIG degradation test):
 patches are ranked by the channel-summed map average-pooled over each patch, and a patch is
 replaced whole. Step 0 is always the clean image and step 1 already removes the top patch.
 
-Rankings come from ``roar.evaluation.ablation`` (seeded tie-break, exact counts), fills from
-``roar.evaluation.fills`` plus ``patch_mean`` (each patch replaced by its own per-channel mean, in
-[0, 1] space before normalisation, so no channel is skipped whatever the sign of its normalised mean).
+Rankings come from ``roar.perturb.ranking`` (seeded tie-break, exact counts, the one removal rule
+``select``), fills from ``roar.perturb.fills``; with patches the fill's context carries ``patch``,
+which ``patch_mean`` (each patch replaced by its own per-channel mean) needs.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from roar.device import autocast
-from roar.evaluation.ablation import count, ranks
-from roar.evaluation.fills import Fill, ablate
+from roar.core.device import autocast
+from roar.perturb.fills import Fill, ablate
+from roar.perturb.patches import patch_grid, patch_scores, to_pixels
+from roar.perturb.ranking import count, ranks, select
 
 ORDERS = ("morf", "lerf", "random")
-MEASURES = ("accuracy", "probability", "relative_change")
 
 
 # --------------------------------------------------------------------------------------------- positions
-
-
-def patch_grid(height: int, width: int, patch: int) -> tuple[int, int]:
-    """Rows and columns of patches covering an image; edge patches may be smaller than ``patch``."""
-    return math.ceil(height / patch), math.ceil(width / patch)
-
-
-def patch_scores(maps: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, H, W] maps → [B, 1, rows, cols]: the mean of the map over each patch (edge patches over
-    their pixels inside the image, so a partial patch is not penalised for its missing pixels)."""
-    b, h, w = maps.shape
-    rows, cols = patch_grid(h, w, patch)
-    pad = (0, cols * patch - w, 0, rows * patch - h)
-    x = F.pad(maps[:, None].float(), pad)
-    ones = F.pad(torch.ones(1, 1, h, w, device=maps.device), pad)
-    return F.avg_pool2d(x, patch) / F.avg_pool2d(ones, patch)
-
-
-def _to_pixels(per_patch: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
-    """[B, C, rows, cols] → [B, C, H, W]: every pixel takes its patch's value."""
-    return per_patch.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :height, :width]
 
 
 def position_ranks(
@@ -80,16 +64,14 @@ def position_ranks(
         raise ValueError(f"granularity must be 'pixel' or 'patch', got {granularity!r}")
     rows, cols = patch_grid(h, w, patch)
     scores = patch_scores(maps, patch) if maps is not None else torch.zeros(b, 1, rows, cols, device=indices.device)
-    return _to_pixels(ranks(scores, indices, seed), patch, h, w), rows * cols
+    return to_pixels(ranks(scores, indices, seed), patch, h, w), rows * cols
 
 
 def removal_mask(position_ranks: torch.Tensor, k: int, n_positions: int, order: str) -> torch.Tensor:
     """True where replaced: the k top-ranked positions (``morf``, ``random``) or the k lowest (``lerf``)."""
-    if order in ("morf", "random"):
-        return position_ranks < k
-    if order == "lerf":
-        return position_ranks >= n_positions - k
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return select(position_ranks, k, n_positions, "morf" if order == "random" else order)
 
 
 @dataclass(frozen=True)
@@ -108,29 +90,15 @@ def plan_steps(steps: Sequence[float] | int, n_positions: int) -> list[Step]:
     return [Step(i, float(f), count(f, n_positions)) for i, f in enumerate(steps)]
 
 
-# --------------------------------------------------------------------------------------------- fills
-
-
-class PatchMeanFill:
-    """Each patch replaced by its own per-channel mean (PGIG's degradation fill), in [0, 1] space.
-
-    Every channel is replaced: the PGIG code skipped channels whose mean was ≤ 0 in the centred
-    (normalised) space, leaving part of a "removed" patch intact.
-    """
-
-    def __init__(self, patch: int):
-        self.patch = int(patch)
-
-    def __call__(self, images: torch.Tensor, removed: torch.Tensor, **context: Any) -> torch.Tensor:
-        h, w = images.shape[-2:]
-        means = patch_scores(images.flatten(0, 1), self.patch).view(*images.shape[:2], *patch_grid(h, w, self.patch))
-        return _to_pixels(means, self.patch, h, w).to(images.dtype)
-
-    def __repr__(self) -> str:
-        return f"PatchMeanFill({self.patch})"
-
-
 # --------------------------------------------------------------------------------------------- measures
+
+
+class StepMeasure(Protocol):
+    """What the engine needs of a measure (``roar.metrics.CurveMeasure`` is one)."""
+
+    name: str
+
+    def evaluate_batch(self, **inputs: Any) -> Mapping[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -138,29 +106,23 @@ class CurveSums:
     """Running sums over images of each measure at each step of one (method, order) curve."""
 
     steps: list[Step]
-    correct: np.ndarray
-    probability: np.ndarray
-    relative_change: np.ndarray
+    sums: dict[str, np.ndarray] = field(default_factory=dict)  # measure name -> [steps], in the measures' order
     images: int = 0
 
     @classmethod
-    def empty(cls, steps: list[Step]) -> CurveSums:
-        zeros = [np.zeros(len(steps)) for _ in range(3)]
-        return cls(steps, *zeros)
+    def empty(cls, steps: list[Step], names: Sequence[str]) -> CurveSums:
+        return cls(steps, {name: np.zeros(len(steps)) for name in names})
 
     def add(self, other: CurveSums) -> None:
-        self.correct += other.correct
-        self.probability += other.probability
-        self.relative_change += other.relative_change
+        if list(other.sums) != list(self.sums):
+            raise ValueError(f"cannot add the sums of {list(other.sums)} to those of {list(self.sums)}")
+        for name, values in other.sums.items():
+            self.sums[name] += values
         self.images += other.images
 
     def means(self) -> dict[str, np.ndarray]:
         n = max(self.images, 1)
-        return {
-            "accuracy": self.correct / n,
-            "probability": self.probability / n,
-            "relative_change": self.relative_change / n,
-        }
+        return {name: values / n for name, values in self.sums.items()}
 
 
 @torch.no_grad()
@@ -182,6 +144,7 @@ def curve_sums(
     steps: Sequence[float] | int,
     fill: Fill,
     *,
+    measures: Sequence[StepMeasure],
     seed: int,
     granularity: str = "pixel",
     patch: int = 9,
@@ -189,7 +152,8 @@ def curve_sums(
     amp: bool = False,
 ) -> CurveSums:
     """One batch of one curve: ``images`` [B, C, H, W] in [0, 1] on the model's device, their
-    ``labels`` and dataset ``indices`` [B], ``maps`` [B, H, W] (None for the random order).
+    ``labels`` and dataset ``indices`` [B], ``maps`` [B, H, W] (None for the random order), and the
+    ``measures`` to sum (``roar.metrics.curve_measures()``).
 
     ``clean`` (the softmax on the clean images, [B, classes]) may be passed to save a forward pass
     when several curves share a batch. The fill sees the batch's ``indices`` so stochastic fills
@@ -197,19 +161,22 @@ def curve_sums(
     """
     h, w = images.shape[-2:]
     clean = softmax(model, images, amp) if clean is None else clean
-    predicted = clean.argmax(1)
-    p_clean = clean.gather(1, predicted[:, None])[:, 0]
     r, n_positions = position_ranks(maps, indices, seed, granularity, patch, (h, w))
     plan = plan_steps(steps, n_positions)
-    sums = CurveSums.empty(plan)
+    sums = CurveSums.empty(plan, [m.name for m in measures])
     sums.images = len(images)
+    context = {"indices": indices, **({"patch": patch} if granularity == "patch" else {})}
     for i, step in enumerate(plan):
         removed = removal_mask(r, step.k, n_positions, order).expand_as(images)
-        probs = clean if step.k == 0 else softmax(model, ablate(images, removed, fill, indices=indices), amp)
-        p = probs.gather(1, predicted[:, None])[:, 0]
-        sums.correct[i] = (probs.argmax(1) == labels).sum().item()
-        sums.probability[i] = p.sum().item()
-        sums.relative_change[i] = ((p_clean - p).abs() / p_clean.clamp_min(1e-12) * 100).sum().item()
+        probs = clean if step.k == 0 else softmax(model, ablate(images, removed, fill, **context), amp)
+        for measure in measures:
+            values = measure.evaluate_batch(labels=labels, indices=indices, maps=maps, clean=clean, perturbed=probs)
+            if set(values) != {measure.name} or values[measure.name].shape != labels.shape:
+                raise ValueError(
+                    f"curve measure {measure.name!r} must return {{{measure.name!r}: one value per image}}, "
+                    f"got { {k: tuple(v.shape) for k, v in values.items()} }"
+                )
+            sums.sums[measure.name][i] = values[measure.name].sum().item()
     return sums
 
 

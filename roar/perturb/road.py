@@ -50,7 +50,7 @@ passes plus two per-plane sums, and the noise a draw per pixel (~25 passes' wort
 bound by memory traffic. Iterations at 32×32: ~4 for random 10 % masks, ~9 at 50 %, ~23 at 90 %; at
 224×224 ~5, ~12, ~32, and ~190 for one 168×168 hole. ``docs/benchmarks.md`` (section "ROAD
 imputation") compares the speed with a per-image scipy solve. On the CPU the solve runs on one
-intra-op thread (see ``roar.device.one_cpu_thread``).
+intra-op thread (see ``roar.core.device.one_cpu_thread``).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from collections.abc import Sequence
 
 import torch
 
-from roar.device import one_cpu_thread
-from roar.errors import RoarError
+from roar.core.device import one_cpu_thread
+from roar.core.errors import RoarError
 
 NOISE = 0.01
 """ROAD's default noise standard deviation, in [0, 1] image units."""

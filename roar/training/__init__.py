@@ -1,5 +1,6 @@
-"""Training: the base classifier (``train``) and the loop that ROAR/KAR retraining reuses (``fit``)."""
+"""Training a classifier: the loop (``fit``) that the base model and ROAR/KAR retraining share."""
 
-from roar.training.trainer import evaluate, fit, load_run_model, load_trained_model, train
+from roar.training.config import TrainingConfig
+from roar.training.trainer import evaluate, fit, load_trained_model
 
-__all__ = ["evaluate", "fit", "load_run_model", "load_trained_model", "train"]
+__all__ = ["TrainingConfig", "evaluate", "fit", "load_trained_model"]

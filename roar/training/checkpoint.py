@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from roar.atomic import replace_atomic
-from roar.errors import RoarError
+from roar.core.atomic import replace_atomic
+from roar.core.errors import RoarError
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

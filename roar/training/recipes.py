@@ -59,7 +59,7 @@ def apply_recipe(data: Any) -> Any:
     if name not in RECIPES:
         from pydantic_core import PydanticCustomError
 
-        from roar.registry import closest
+        from roar.core.registry import closest
 
         raise PydanticCustomError(
             "unknown_name",

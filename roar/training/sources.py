@@ -9,22 +9,21 @@ Two paths with one interface, ``source.batches(batch_size, generator)`` yielding
 * ``StreamSource``: a DataLoader whose workers decode images from disk, for datasets that do
   not fit in memory (ImageNet).
 
-Both take an optional ``transform(images, indices)`` applied to whole batches on the device
-before augmentation: this is where ROAR/KAR ablation plugs in.
+ROAR/KAR retraining reads ablated batches from its own sources with the same interface
+(``roar.stages.retrain.data``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
+from roar.core.device import pin_memory
 from roar.data.base import ImageSplit
-from roar.device import pin_memory
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-Transform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _permutation(n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -40,13 +39,10 @@ def _batch_slices(order: torch.Tensor, batch_size: int, drop_last: bool) -> Iter
 
 
 class InMemorySource:
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, transform: Transform | None = None
-    ):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.device = device
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,8 +54,6 @@ class InMemorySource:
         for idx in _batch_slices(order, batch_size, drop_last):
             idx_dev = idx.to(self.device)
             images = self.images[idx_dev].float().div_(255)
-            if self.transform is not None:
-                images = self.transform(images, idx)
             yield images, self.labels[idx_dev], idx
 
 
@@ -78,13 +72,10 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 class StreamSource:
-    def __init__(
-        self, split: ImageSplit, device: torch.device, num_workers: int = 4, transform: Transform | None = None
-    ):
+    def __init__(self, split: ImageSplit, device: torch.device, num_workers: int = 4):
         self.split = split
         self.device = device
         self.num_workers = num_workers
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.split)
@@ -105,13 +96,11 @@ class StreamSource:
         )
         for images, labels, idx in loader:
             images = images.to(self.device, non_blocking=True).float().div_(255)
-            if self.transform is not None:
-                images = self.transform(images, idx)
             yield images, labels.to(self.device, non_blocking=True), idx
 
 
-def source_for(split: ImageSplit, device: torch.device, num_workers: int = 4, transform: Transform | None = None):
+def source_for(split: ImageSplit, device: torch.device, num_workers: int = 4):
     """The in-memory path when the split holds its images, else the streaming one."""
     if split.in_memory:
-        return InMemorySource(split.images, split.labels, device, transform)
-    return StreamSource(split, device, num_workers, transform)
+        return InMemorySource(split.images, split.labels, device)
+    return StreamSource(split, device, num_workers)

@@ -1,4 +1,4 @@
-"""Training a classifier from a config: ``fit`` for any batch source, ``train`` for a run.
+"""Training a classifier: ``fit`` for any batch source (the ``roar train`` stage is ``roar.stages.train``).
 
 Deterministic on the CPU: every epoch draws its order and augmentation from a generator seeded
 by (seed, epoch), so a run killed after epoch k and resumed from its checkpoint takes exactly
@@ -18,17 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from roar.atomic import write_text_atomic
-from roar.config import RunConfig, TrainingConfig
-from roar.data import Dataset, build_dataset
-from roar.device import autocast, memory_format, resolve_device
-from roar.errors import RoarError
+from roar.core.atomic import write_text_atomic
+from roar.core.device import autocast, memory_format
+from roar.core.errors import RoarError
 from roar.models import Classifier, build_model
-from roar.provenance import record_run, write_json
 from roar.training.augment import flip_choices, random_crop_flip
 from roar.training.averaging import Averages
 from roar.training.checkpoint import load_checkpoint, save_atomic
-from roar.training.sources import source_for
+from roar.training.config import TrainingConfig
 from roar.training.whitening import whiten_first_conv
 
 # ---------------------------------------------------------------- optimisation
@@ -357,58 +354,6 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def model_metadata(dataset: Dataset, cfg: RunConfig) -> dict:
-    """What a checkpoint needs to rebuild its model and to be matched to data later."""
-    return {
-        "model": cfg.model.model_dump(mode="json"),
-        "num_classes": dataset.num_classes,
-        "class_names": dataset.class_names,
-        "geometry": list(dataset.train.geometry),
-        "mean": list(dataset.mean),
-        "std": list(dataset.std),
-        "dataset": dataset.name,
-        "dataset_fingerprint": dataset.fingerprint(),
-    }
-
-
-def train(cfg: RunConfig, restart: bool = False) -> dict:
-    """``roar train``: the base classifier of a run, in ``<run>/train``; returns its summary."""
-    out_dir = cfg.run_dir / "train"
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    dataset = build_dataset(cfg.dataset)
-    meta = model_metadata(dataset, cfg)
-    fingerprint = {
-        "dataset": dataset.fingerprint(),
-        "model": json.dumps(meta["model"], sort_keys=True),
-        "training": json.dumps(
-            cfg.training.model_dump(mode="json", exclude={"eval_batch_size", "num_workers"}), sort_keys=True
-        ),
-        "seed": cfg.seed,
-    }
-    if restart:
-        for stale in [out_dir / "last.pt", out_dir / "summary.json", out_dir / "model.pt", out_dir / "metrics.jsonl"]:
-            stale.unlink(missing_ok=True)
-        for snap in (out_dir / "snapshots").glob("*.pt"):
-            snap.unlink()
-    summary_path = out_dir / "summary.json"
-    last = out_dir / "last.pt"
-    if summary_path.exists() and last.exists() and load_checkpoint(last).get("fingerprint") == fingerprint:
-        return {**json.loads(summary_path.read_text()), "skipped": True}
-    record_run(out_dir, cfg, {"dataset": dataset.fingerprint()}, device)
-
-    model = build_model(cfg.model, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
-    train_source = source_for(dataset.train, device, cfg.training.num_workers)
-    test_source = source_for(dataset.test, device, cfg.training.num_workers)
-    summary, predictions = fit(
-        model, train_source, test_source, cfg.training, out_dir, cfg.seed, device, fingerprint=fingerprint
-    )
-    save_atomic({"state_dict": model.state_dict(), "meta": meta, "summary": summary}, out_dir / "model.pt")
-    summary.update({"dataset": dataset.name, "model": cfg.model.name, "device": str(device)})
-    write_json(summary_path, summary)
-    return summary
-
-
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
     """The classifier saved by ``roar train`` (``<run>/train/model.pt``) and its metadata."""
     from roar.models import MODELS
@@ -421,16 +366,3 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> 
     model = build_model(model_cfg, meta["num_classes"], tuple(meta["geometry"]), meta["mean"], meta["std"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), meta
-
-
-def load_run_model(cfg: RunConfig, dataset: Dataset, device) -> tuple[Classifier, dict, Path]:
-    """The run's trained model (``<run>/train/model.pt``) on ``device``, its metadata and path,
-    after checking that it was trained on ``dataset``."""
-    path = cfg.run_dir / "train" / "model.pt"
-    model, meta = load_trained_model(path, device)
-    if meta["dataset_fingerprint"] != dataset.fingerprint():
-        raise RoarError(
-            f"{path} was trained on another dataset (fingerprint {meta['dataset_fingerprint']}, "
-            f"this config's is {dataset.fingerprint()}); retrain or fix the dataset section"
-        )
-    return model, meta, path

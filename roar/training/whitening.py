@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roar.errors import RoarError
+from roar.core.errors import RoarError
 
 
 def first_conv(net: nn.Module, channels: int) -> nn.Conv2d:

@@ -2,7 +2,7 @@
 difficulty and with the peer scores.
 
 All functions take plain arrays (one entry per example of the analysed split), so they work on
-any dataset; ``roar.vog.stage`` feeds them and writes the files:
+any dataset; ``roar.stages.vog.stage`` feeds them and writes the files:
 
 * ``decile_table``: the final model's error rate per decile of each VoG variant. Ten bins by
   rank, ties broken by the example index, every example in exactly one bin (sizes differ by at
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from roar.plots import pyplot, save_figure
+from roar.core.plots import pyplot, save_figure
 
 PEERS = ("el2n", "forgetting", "confidence", "variability", "grand")
 # Scores where a *low* value marks a hard example are flipped so that every AUROC reads "higher = harder".

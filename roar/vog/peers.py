@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roar.atomic import replace_atomic
-from roar.provenance import guard_settings
+from roar.core.atomic import replace_atomic
+from roar.core.provenance import guard_settings
 
 SNAPSHOT_KEYS = ("p_true", "correct", "el2n")  # what every snapshot records
 GRAND = "grand"

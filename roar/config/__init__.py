@@ -1,0 +1,34 @@
+"""The run configuration: ``RunConfig`` and a section per stage (see ``roar.config.run``)."""
+
+from roar.config.curves import CurvesConfig
+from roar.config.extract import AttributionConfig, MethodEntry
+from roar.config.fill import FillConfig
+from roar.config.retrain import RetrainConfig
+from roar.config.run import (
+    RunConfig,
+    apply_override,
+    config_from_dict,
+    dump_config,
+    load_config,
+    read_yaml,
+    section_keys,
+)
+from roar.config.vog import VogConfig
+from roar.training.config import TrainingConfig
+
+__all__ = [
+    "AttributionConfig",
+    "CurvesConfig",
+    "FillConfig",
+    "MethodEntry",
+    "RetrainConfig",
+    "RunConfig",
+    "TrainingConfig",
+    "VogConfig",
+    "apply_override",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "read_yaml",
+    "section_keys",
+]

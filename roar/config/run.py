@@ -1,0 +1,174 @@
+"""The run configuration: one typed schema for every stage, loaded from YAML plus overrides.
+
+``load_config("configs/demo.yaml", ["training.epochs=3"])`` returns a validated ``RunConfig``.
+Every problem (an unknown or misspelt key, a wrong type, an impossible value) is reported as a
+``RoarError`` whose one line names the dotted key. Each stage's section lives in its own module
+of this package (``extract``, ``retrain``, ``curves``, ``vog``; ``training`` in ``roar.training``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from roar.config.curves import CurvesConfig
+from roar.config.extract import AttributionConfig
+from roar.config.retrain import RetrainConfig
+from roar.config.vog import VogConfig
+from roar.core.errors import RoarError
+from roar.core.registry import closest
+from roar.core.schema import Section, dump_yaml, format_validation_error
+from roar.data import DATASETS
+from roar.models import MODELS
+from roar.training.config import TrainingConfig
+
+DatasetSection = Annotated[Union[tuple(DATASETS.configs())], Field(discriminator="name")]  # noqa: UP007
+ModelSection = Annotated[Union[tuple(MODELS.configs())], Field(discriminator="name")]  # noqa: UP007
+
+RENAMED_SECTIONS = {"roar": "retrain", "lerf": "curves"}
+"""Sections under their earlier names, still read (the ROAR seed's users write ``lerf``)."""
+
+
+def rename_sections(data: dict) -> dict:
+    """``data`` with sections under an earlier name moved to the current one."""
+    data = dict(data)
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            if new in data:
+                raise PydanticCustomError(
+                    "renamed", "'{key}' is the old name of '{new}': give one of them", {"key": old, "new": new}
+                )
+            data[new] = data.pop(old)
+    return data
+
+
+class RunConfig(Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: Path | None = Field(None, description="where the run writes; default runs/<name>")
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    dataset: DatasetSection = Field(default_factory=lambda: DATASETS.config_class("shapes")())
+    model: ModelSection = Field(default_factory=lambda: MODELS.config_class("resnet8")())
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    curves: CurvesConfig = Field(default_factory=CurvesConfig)
+    vog: VogConfig = Field(default_factory=VogConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_component_names(cls, data: Any) -> Any:
+        """A section without ``name`` is the default component; an unknown name gets a hint."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data = rename_sections(data)
+        for section, registry, default in (("dataset", DATASETS, "shapes"), ("model", MODELS, "resnet8")):
+            value = data.get(section)
+            if isinstance(value, dict):
+                value = data[section] = {"name": default, **value}
+                if value["name"] not in registry:
+                    raise PydanticCustomError(
+                        "unknown_name",
+                        "unknown {kind} '{name}'{hint}; known: {known}",
+                        {
+                            "key": f"{section}.name",
+                            "kind": registry.kind,
+                            "name": str(value["name"]),
+                            "hint": closest(str(value["name"]), registry.names()),
+                            "known": ", ".join(registry.names()),
+                        },
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _default_output_dir(self) -> RunConfig:
+        if self.output_dir is None:
+            self.output_dir = Path("runs") / self.name
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3``, ``[1, 2]``, ``null``)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RoarError(f"--set '{assignment}': expected dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise RoarError(f"--set '{assignment}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise RoarError(f"config file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RoarError(f"{file}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RoarError(f"{file}: the top level must be a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validated config from a YAML file (or the defaults) and ``dotted.key=value`` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    return config_from_dict(raw, overrides, source=str(path) if path else "config")
+
+
+def config_from_dict(raw: dict, overrides=(), source: str = "config") -> RunConfig:
+    data = copy.deepcopy(raw)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        data = rename_sections(data)
+    except PydanticCustomError as exc:
+        raise RoarError(f"{source}: {exc.context['key']}: {exc.message()}") from None
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RoarError(f"{source}: {format_validation_error(exc, data)}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML: every default spelt out, loadable again by ``load_config``."""
+    return dump_yaml(cfg)
+
+
+def section_keys(model: type[Section] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (for documentation and suggestions)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann: Any = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            keys += section_keys(ann, prefix + name + ".")
+    return keys

@@ -1,0 +1,1 @@
+"""What every layer shares: errors, registries, the config base, atomic files, devices, provenance, tables, plots."""

@@ -1,0 +1,188 @@
+"""``roar extract``: every configured method over whole splits, into the attribution store.
+
+Batches lie on a fixed grid of ``batch_size`` rows (a multiple of the store's chunk), and each
+method's random stream is seeded by (seed, split, method, batch start): a resumed extraction
+recomputes exactly the maps an uninterrupted one would have written, and adding a method to a
+finished store computes only that method. Methods that share passes (``shared_key``) are
+computed once per batch.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from roar.attribution import METHODS, Attribution, Context, PluginAttribution, create
+from roar.attribution.engine import predict, prepare_model
+from roar.attribution.reduce import reduce_map
+from roar.config import MethodEntry, RunConfig
+from roar.core.device import resolve_device
+from roar.core.errors import RoarError
+from roar.core.provenance import file_hash, git_commit, record_run, write_json
+from roar.data import Dataset, build_dataset
+from roar.stages.result import StageResult
+from roar.stages.train import load_run_model
+from roar.store import AttributionStore, StoreWriter
+
+RERUN = "roar extract"  # what recreates a store, for its error messages
+
+
+def store_path(cfg: RunConfig, split: str) -> Path:
+    return cfg.run_dir / "attributions" / f"{split}.h5"
+
+
+def build_method(entry: MethodEntry, max_batch: int | None) -> Attribution:
+    """The method of a config entry; ``max_batch`` fills in where the entry does not set it."""
+    if entry.is_plugin:
+        return PluginAttribution(method=entry.method, kwargs=entry.params.get("kwargs", {}))
+    params = dict(entry.params)
+    if max_batch and "max_batch" in METHODS.config_class(entry.method).model_fields:
+        params.setdefault("max_batch", max_batch)
+    return create(entry.method, **params)
+
+
+def batch_generator(seed: int, split: str, key: object, start: int) -> torch.Generator:
+    """A random stream that depends only on what is computed and where, never on run order."""
+    mix = zlib.crc32(f"{seed}|{split}|{key!r}|{start}".encode())
+    return torch.Generator().manual_seed(mix)
+
+
+def reference_images(dataset: Dataset, count: int, seed: int, device) -> torch.Tensor:
+    """A seeded sample of training images in [0, 1]: the baselines of expected gradients."""
+    train = dataset.train
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+    images = train.images[pick] if train.in_memory else torch.stack([train[int(i)][0] for i in pick])
+    return images.to(device).float().div_(255)
+
+
+def _batches(writer: StoreWriter, names: list[str], batch_size: int, n: int):
+    """Grid batches [start, stop) with the methods that still have pending rows in them."""
+    rows = writer.chunk_rows()
+    step = max(rows, (batch_size // rows) * rows)
+    pending = {name: writer.pending(name) for name in names}
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        todo = [m for m in names if any(a < stop and b > start for a, b in pending[m])]
+        if todo:
+            yield start, stop, todo
+
+
+def extract_split(
+    cfg: RunConfig,
+    dataset: Dataset,
+    split_name: str,
+    model,
+    methods: dict[str, Attribution],
+    entries,
+    device,
+    model_hash: str,
+    references,
+) -> dict:
+    split = dataset.split(split_name)
+    a = cfg.attribution
+    channels = a.reduction == "none"
+    path = store_path(cfg, split_name)
+    # max_batch only sets the memory budget, not the maps: it is not part of a method's identity.
+    spec = {
+        e.name: {"method": e.method, "params": methods[e.name].params.model_dump(mode="json", exclude={"max_batch"})}
+        for e in entries
+    }
+    writer = StoreWriter(
+        path,
+        split=split_name,
+        n=len(split),
+        geometry=split.geometry,
+        dataset=dataset.name,
+        dataset_fingerprint=split.fingerprint(),
+        model_hash=model_hash,
+        channels=channels,
+        methods=spec,
+        identity={"reduction": a.reduction, "target": a.target},
+        rerun=RERUN,
+        provenance={"seed": cfg.seed, "git_commit": git_commit(), "config": cfg.model_dump(mode="json")},
+        compression=None if a.compression == "none" else a.compression,
+    )
+    with writer:
+        names = list(spec)
+        work = list(_batches(writer, names, a.batch_size, len(split)))
+        total = sum(stop - start for start, stop, _ in work)
+        bar = tqdm(total=total, desc=f"extract {split_name}", unit="img", disable=None, leave=False)
+        for start, stop, todo in work:
+            images_u8, labels = split.read(slice(start, stop), a.num_workers), split.labels[start:stop]
+            images = images_u8.to(device).float().div_(255)
+            labels = labels.to(device)
+            predictions = predict(model, images, a.max_batch, a.amp)
+            targets = predictions if a.target == "predicted" else labels
+            indices = torch.arange(start, stop)
+            masks = split.masks[start:stop].to(device) if split.masks is not None else None
+            context = Context(indices=indices, masks=masks, references=references)
+            shared: dict = {}
+            maps = {}
+            for name in todo:
+                method = methods[name]
+                key = method.shared_key()
+                generator = batch_generator(cfg.seed, split_name, key if key is not None else name, start)
+                if key is None:
+                    raw = method(model, images, targets, generator=generator, context=context)
+                else:
+                    if key not in shared:
+                        shared[key] = method.compute_shared(
+                            model, images, targets, generator=generator, context=context
+                        )
+                    raw = method.from_shared(shared[key], images).float()
+                maps[name] = reduce_map(raw, a.reduction, images.shape[1]).cpu().numpy()
+            writer.write(start, maps, labels.cpu(), predictions.cpu(), indices)
+            bar.update(stop - start)
+        bar.close()
+        writer.finish()
+    with AttributionStore.open(path, rerun=RERUN) as store:
+        return {
+            "split": split_name,
+            "images": store.n,
+            "methods": store.methods,
+            "accuracy": float((store.predictions == store.labels).mean()),
+        }
+
+
+def run(cfg: RunConfig) -> StageResult:
+    """``roar extract`` for a run: stores in ``<run>/attributions/<split>.h5``; returns a summary."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dataset = build_dataset(cfg.dataset)
+    model, _, model_path = load_run_model(cfg, dataset, device)
+    probe = dataset.test.read(slice(0, 16)).float().div_(255)
+    model = prepare_model(model, device, probe=probe)
+    entries = cfg.attribution.entries()
+    methods = {e.name: build_method(e, cfg.attribution.max_batch) for e in entries}
+    # Each method declares what it needs from the context (``Attribution.needs``).
+    masked = [
+        e.name + ("" if e.name == e.method else f" ({e.method})") for e in entries if "masks" in methods[e.name].needs
+    ]
+    if masked and dataset.train.masks is None:
+        verb = "needs" if len(masked) == 1 else "need"
+        raise RoarError(f"method {', '.join(masked)} {verb} object masks, and dataset '{dataset.name}' has none")
+    needs_refs = any("references" in method.needs for method in methods.values())
+    references = reference_images(dataset, cfg.attribution.references, cfg.seed, device) if needs_refs else None
+    model_hash = file_hash(model_path)
+    out = cfg.run_dir / "attributions"
+    record_run(out, cfg, {"dataset": dataset.fingerprint(), "model": model_hash}, device)
+    results = [
+        extract_split(
+            cfg, dataset, split, model, methods, cfg.attribution.entries(split), device, model_hash, references
+        )
+        for split in cfg.attribution.split_names()
+    ]
+    summary = {
+        "splits": results,
+        "methods": [e.name for e in entries],
+        "seconds": round(time.perf_counter() - t0, 2),
+        "output": str(out),
+    }
+    write_json(out / "summary.json", summary)
+    splits = ", ".join(f"{r['split']} ({r['images']})" for r in results)
+    line = f"extracted {len(summary['methods'])} methods for {splits} in {summary['seconds']:.0f} s -> {out}"
+    return StageResult(summary, line)

@@ -1,0 +1,1 @@
+"""Worked examples of extending roar, each a complete file: docs/architecture.md quotes them."""
