@@ -93,10 +93,11 @@ def cmd_config(args) -> str:
 def _registries() -> dict:
     from roar.attribution import METHODS
     from roar.data import DATASETS
+    from roar.metrics import METRICS
     from roar.models import MODELS
     from roar.perturb import FILLS
 
-    return {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "fills": FILLS}
+    return {"datasets": DATASETS, "models": MODELS, "methods": METHODS, "fills": FILLS, "metrics": METRICS}
 
 
 def cmd_list(args) -> str:
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("list", help="list the registered datasets, models, methods and fills")
+    p = sub.add_parser("list", help="list the registered datasets, models, methods, fills and metrics")
     p.add_argument("kind", nargs="?", choices=list(_registries()))
     p.set_defaults(func=cmd_list)
     return parser

@@ -210,21 +210,19 @@ def check_state(path: Path, methods: tuple[str, ...], n: int, reference: dict, p
     exactly the reference maps. A complete store may lack a method that is about to be added.
     """
     from roar.core.errors import RoarError
-    from roar.store import AttributionStore
+    from roar.store import MapStore
 
     try:
-        with AttributionStore.open(path) as store:
+        with MapStore.open(path) as store:
             present = list(store.methods)
         for key, value in raw(path).items():
             assert key in reference and np.array_equal(value, reference[key]), f"complete store: {key} differs"
         done = {name: n if name in present else 0 for name in methods}
     except RoarError as exc:
         message = str(exc)
-        if "unfinished" not in message and "no attribution store" not in message:
+        if "unfinished" not in message and "no store" not in message:
             raise AssertionError(f"store left damaged: {message}") from None
-        done = (
-            {name: 0 for name in methods} if "no attribution store" in message else _partial(path, methods, reference)
-        )
+        done = {name: 0 for name in methods} if "no store" in message else _partial(path, methods, reference)
     for name, rows in done.items():
         assert rows >= previous.get(name, 0), f"{name}: rows done went back from {previous.get(name)} to {rows}"
     return done
@@ -232,9 +230,9 @@ def check_state(path: Path, methods: tuple[str, ...], n: int, reference: dict, p
 
 def _partial(path: Path, methods: tuple[str, ...], reference: dict) -> dict:
     """Rows done per method of an unfinished store, after checking every finished chunk."""
-    from roar.store import AttributionStore, dequantize
+    from roar.store import MapStore, dequantize
 
-    with AttributionStore.open(path, require_complete=False) as store:
+    with MapStore.open(path, require_complete=False) as store:
         for name in store.methods:
             for start, maps in store.read_chunks(name):
                 q = reference[f"maps/{name}"][start : start + len(maps)].view(np.float16)
@@ -256,9 +254,9 @@ def _phase(path: Path) -> str:
         return "consolidating"
     if staging.exists() and path.exists():
         try:
-            from roar.store import AttributionStore
+            from roar.store import MapStore
 
-            with AttributionStore.open(path, require_complete=False) as store:
+            with MapStore.open(path, require_complete=False) as store:
                 return "adding a method" if not store.complete else "cleaning up after consolidation"
         except Exception as exc:
             return f"damaged: {exc}"

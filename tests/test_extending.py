@@ -77,7 +77,7 @@ def test_the_fill_example_is_configurable_batch_invariant_and_leaves_kept_pixels
 def test_fills_are_typed_in_every_section():
     with pytest.raises(RoarError, match=r"retrain.fill.sigmaa: unknown key 'sigmaa' \(did you mean 'sigma'\?\)"):
         config_from_dict({"roar": {"fill": {"name": "blur", "sigmaa": 2}}})
-    with pytest.raises(RoarError, match=r"curves.fill: unknown fill 'blurr' \(did you mean 'blur'\?\)"):
+    with pytest.raises(RoarError, match=r"curves.fill.name: unknown fill 'blurr' \(did you mean 'blur'\?\)"):
         config_from_dict({"curves": {"fill": {"name": "blurr"}}})
     with pytest.raises(RoarError, match="replaces whole patches"):
         config_from_dict({"retrain": {"fill": "patch_mean"}})

@@ -19,7 +19,7 @@ from roar.core.errors import RoarError
 from roar.data import build_dataset
 from roar.stages.extract import run as extract
 from roar.stages.extract import store_path
-from roar.store import AttributionStore
+from roar.store import MapStore
 from roar.training import load_trained_model
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_extract_writes_complete_stores_for_both_splits(trained_run, tmp_path):
     dataset = build_dataset(cfg.dataset)
     names = [e.name for e in cfg.attribution.entries()]
     for split in ("train", "test"):
-        with AttributionStore.open(store_path(cfg, split)) as store:
+        with MapStore.open(store_path(cfg, split)) as store:
             data = dataset.split(split)
             store.validate_for(
                 dataset="shapes",
@@ -56,7 +56,7 @@ def test_extract_writes_complete_stores_for_both_splits(trained_run, tmp_path):
     images = dataset.test.images[:16].float() / 255
     model = prepare_model(model, torch.device("cpu"), probe=images)  # as the extraction prepares it
     expected = create("gradient")(model, images, model(images).argmax(1)).square().sum(1)
-    with AttributionStore.open(store_path(cfg, "test")) as store:
+    with MapStore.open(store_path(cfg, "test")) as store:
         stored = torch.from_numpy(store.read("gradient", 0, 16))
     scale = expected.flatten(1).abs().amax(1).view(-1, 1, 1)
     assert ((stored - expected).abs() / scale).max() < 2e-3
@@ -71,9 +71,9 @@ def test_splits_may_name_the_methods_each_split_gets(trained_run, tmp_path):
     cfg, _ = run_copy(trained_run, tmp_path, "per_split", overrides)
     summary = extract(cfg)
     assert [r["split"] for r in summary["splits"]] == ["test", "train"]
-    with AttributionStore.open(store_path(cfg, "test")) as store:
+    with MapStore.open(store_path(cfg, "test")) as store:
         assert store.methods == ["gradient", "random", "ground_truth"]
-    with AttributionStore.open(store_path(cfg, "train")) as store:
+    with MapStore.open(store_path(cfg, "train")) as store:
         assert store.methods == ["random", "ground_truth"]
     with pytest.raises(RoarError, match=r"attribution.splits.train: gradiant not among the methods.*'gradient'"):
         load_config(None, ["attribution.methods=[gradient]", "attribution.splits={train: [gradiant]}"])
@@ -90,7 +90,7 @@ def test_adding_a_method_computes_only_that_method(trained_run, tmp_path, monkey
     grown = load_config(REPO / "configs" / "smoke.yaml", [*sets, "attribution.methods=[gradient, sobel]"])
     extract(grown)
     assert calls == []
-    with AttributionStore.open(store_path(grown, "test")) as store:
+    with MapStore.open(store_path(grown, "test")) as store:
         assert store.methods == ["gradient", "sobel"]
 
 
@@ -99,8 +99,8 @@ def test_nan_maps_are_refused_naming_method_and_image(trained_run, tmp_path):
     cfg, _ = run_copy(trained_run, tmp_path, "nan", [f"attribution.methods={method}", "attribution.splits=[test]"])
     with pytest.raises(RoarError, match="method 'broken' produced NaN at image index 0"):
         extract(cfg)
-    with pytest.raises(RoarError, match="unfinished|no attribution store"):
-        AttributionStore.open(store_path(cfg, "test"))
+    with pytest.raises(RoarError, match="unfinished|no store"):
+        MapStore.open(store_path(cfg, "test"))
 
 
 def test_a_model_trained_on_other_data_is_refused(trained_run, tmp_path):
@@ -134,8 +134,8 @@ def test_sigkill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run,
     assert resumed.returncode == 0, resumed.stderr
     extract(straight_cfg)
     with (
-        AttributionStore.open(store_path(killed_cfg, "train")) as a,
-        AttributionStore.open(store_path(straight_cfg, "train")) as b,
+        MapStore.open(store_path(killed_cfg, "train")) as a,
+        MapStore.open(store_path(straight_cfg, "train")) as b,
     ):
         assert a.methods == b.methods
         for method in a.methods:

@@ -173,7 +173,7 @@ def test_lerf_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained
         "curves.batch_size=40",
     ]
     cfg, _ = run_copy(trained_run, tmp_path, "lerf", overrides)
-    with pytest.raises(RoarError, match="run 'roar extract' first"):
+    with pytest.raises(RoarError, match=r"no store at .*test.h5; run roar extract first"):
         run(cfg)
     extract(cfg)
     first = run(cfg)

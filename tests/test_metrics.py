@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from examples.metric_example import TopInMask
 from helpers import full_batch, rows
-from metric_example import TopInMask
 from torch import nn
 
 from roar.metrics import DIRECTIONS, METRICS, NEEDS, CurveMeasure, Metric, curve_measures, register

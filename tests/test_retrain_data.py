@@ -17,7 +17,7 @@ from roar.perturb import ablate, build_fill, count, removal_mask
 from roar.perturb.fills import ConstantFill
 from roar.stages.retrain import data as retrain_data
 from roar.stages.retrain.data import InMemoryAblatedSource, StreamingAblatedSource, ablated_source
-from roar.store import AttributionStore, StoreWriter
+from roar.store import MapStore, StoreWriter
 
 N, C, H, W = 300, 3, 16, 16
 P = H * W
@@ -91,7 +91,7 @@ def stores(tmp_path_factory):
 
 def reference(split: TensorSplit, store_path, method, fraction, mode, fill, granularity="pixel") -> torch.Tensor:
     """removal_mask + ablate applied directly to the stored maps of every image."""
-    with AttributionStore.open(store_path) as store:
+    with MapStore.open(store_path) as store:
         maps = torch.from_numpy(store.read(method))
     indices = torch.arange(len(split))
     removed = removal_mask(maps, indices, fraction, mode, SEED, granularity, channels=C)
@@ -196,7 +196,7 @@ def test_roar_removes_and_kar_keeps_exactly_the_top(stores, fraction):
     original = split.images.float() / 255
     idx = torch.arange(N)
     for method in ("perm", "blocky"):
-        with AttributionStore.open(stores[1]) as store:
+        with MapStore.open(stores[1]) as store:
             values = torch.from_numpy(store.read(method)).view(N, P)
         for mode in ("roar", "kar"):
             images = source(stores, method=method, fraction=fraction, mode=mode).images_for(idx)
@@ -234,14 +234,14 @@ def test_streaming_batches_mix_blocks_and_workers_open_the_store_themselves(stor
     src = source(stores, streaming=True, num_workers=2)
     log = tmp_path / "opened"
 
-    class Logged(AttributionStore):
+    class Logged(MapStore):
         @classmethod
         def open(cls, path, **kw):
             with open(log, "a") as f:
                 f.write(f"{os.getpid()}\n")
-            return AttributionStore.open(path, **kw)
+            return MapStore.open(path, **kw)
 
-    monkeypatch.setattr(retrain_data, "AttributionStore", Logged)
+    monkeypatch.setattr(retrain_data, "MapStore", Logged)
     batches = list(src.batches(64, torch.Generator().manual_seed(5)))
     assert all(len(torch.unique(idx // CHUNK_ROWS)) > 1 for _, _, idx in batches)
     openers = [int(line) for line in log.read_text().split()]
@@ -288,7 +288,7 @@ def test_a_store_of_another_split_is_refused(stores, tmp_path):
         ablated_source(split, pixel, *args, seed=SEED, device=CPU, granularity="element")
     with pytest.raises(RoarError, match="pixel granularity needs maps reduced over channels"):
         ablated_source(split, element, *args, seed=SEED, device=CPU)
-    with pytest.raises(RoarError, match="no attribution store"):
+    with pytest.raises(RoarError, match="no store at .*; run roar extract first"):
         ablated_source(split, tmp_path / "missing.h5", *args, seed=SEED, device=CPU)
     with pytest.raises(ValueError, match="mode must be one of"):
         ablated_source(split, pixel, "blocky", 0.3, "keep", ODD_FILL, seed=SEED, device=CPU)

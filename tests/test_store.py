@@ -17,7 +17,6 @@ from roar.core.errors import RoarError
 from roar.store import (
     CHUNK_BYTES,
     FORMAT_VERSION,
-    AttributionStore,
     MapStore,
     StoreWriter,
     chunk_rows_for,
@@ -106,7 +105,7 @@ def path(tmp_path) -> Path:
 
 def test_round_trip_within_float16_of_the_per_image_scale(path, data):
     build(path, data)
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         assert store.methods == list(METHODS)
         for name, maps in data.items():
             got = store.read(name)
@@ -122,7 +121,7 @@ def test_tiny_squared_gradients_do_not_underflow(path):
     rng = np.random.default_rng(1)
     tiny = (rng.uniform(1e-6, 3e-6, size=(N, *GEOMETRY[1:])) ** 2).astype(np.float32)  # about 1e-12
     build(path, {"grad": tiny, "ig": tiny})
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         got = store.read("grad")
     assert np.all(got > 0)
     np.testing.assert_allclose(got, tiny, rtol=2.0**-10)
@@ -144,7 +143,7 @@ def test_compression_options_and_file_layout(tmp_path, data):
             assert json.loads(ds.attrs["identity"])["method"] == "integrated_gradients" and ds.attrs["rows_done"] == N
             assert "method" not in ds.attrs and "params" not in ds.attrs and "reduction" not in f.attrs
             assert all(f[key].dtype == np.int64 for key in ("labels", "predictions", "indices"))
-        with AttributionStore.open(path) as store, AttributionStore.open(tmp_path / "lzf.h5") as first:
+        with MapStore.open(path) as store, MapStore.open(tmp_path / "lzf.h5") as first:
             np.testing.assert_array_equal(store.read("ig"), first.read("ig"))
 
 
@@ -154,7 +153,7 @@ def test_compression_options_and_file_layout(tmp_path, data):
 def test_channels_kept(path):
     maps = example_maps(N, GEOMETRY)
     build(path, {"grad": maps, "ig": maps}, channels=True)
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         assert store.channels
         assert_within_float16(store.read("grad"), maps)
 
@@ -162,7 +161,7 @@ def test_channels_kept(path):
 def test_single_channel_maps_are_squeezed_when_channels_are_reduced(path):
     maps = example_maps(N, (1, *GEOMETRY[1:]))
     build(path, {"grad": maps, "ig": maps})
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         assert_within_float16(store.read("grad"), maps[:, 0])
 
 
@@ -207,7 +206,7 @@ def test_non_finite_maps_are_refused_with_the_image_index_and_nothing_lands(path
                 64, {"grad": data["grad"][64:128], "ig": broken}, labels=indices, predictions=indices, indices=indices
             )
         assert writer.pending("grad") == writer.pending("ig") == [(64, N)]
-    with AttributionStore.open(path, require_complete=False) as store:
+    with MapStore.open(path, require_complete=False) as store:
         assert store.method_info("grad")["rows_done"] == 64
         assert np.isnan(store.read("grad", 64, 128)).all() and (store.indices[64:128] == -1).all()
 
@@ -218,11 +217,11 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
         writer.write(0, {"grad": data["grad"][:64]}, **rows(0, 64))
         writer.finish()  # incomplete: stays unfinished
     with pytest.raises(RoarError) as err:
-        AttributionStore.open(path)
+        MapStore.open(path)
     message = str(err.value)
     assert "is unfinished" in message and "ig: 128 of 300 images" in message and "grad: 64 of 300 images" in message
     assert message.endswith("; rerun roar extract to complete it")
-    with AttributionStore.open(path, require_complete=False) as store:
+    with MapStore.open(path, require_complete=False) as store:
         assert store.method_info("ig") == {
             "method": "integrated_gradients",
             "params": METHODS["ig"]["params"],
@@ -237,9 +236,9 @@ def test_unfinished_store_is_refused_then_readable_on_request(path, data):
 
 
 def test_missing_store(tmp_path):
-    expected = r"no attribution store at .*nothing.h5; run the stage that writes it first"
+    expected = r"no store at .*nothing.h5; run the stage that writes it first"
     with pytest.raises(RoarError, match=expected):
-        AttributionStore.open(tmp_path / "nothing.h5")
+        MapStore.open(tmp_path / "nothing.h5")
     with pytest.raises(RoarError, match=r"no store at .*nothing.h5; run roar vog first"):
         MapStore.open(tmp_path / "nothing.h5", rerun="roar vog")
 
@@ -284,7 +283,7 @@ def test_other_params_for_a_stored_method_name_the_method_and_param(path, data):
 def test_validate_for_names_the_first_mismatch(path, data):
     build(path, data)
     good = {"dataset": "shapes", "split": "test", "n": N, "geometry": GEOMETRY, "dataset_fingerprint": "ab12" * 16}
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         store.validate_for(**good)
         for change, words in [
             ({"split": "train"}, "store is for split 'test', asked for 'train'"),
@@ -298,7 +297,7 @@ def test_validate_for_names_the_first_mismatch(path, data):
 
 def test_unknown_method_suggests_a_name(path, data):
     build(path, data)
-    with AttributionStore.open(path) as store, pytest.raises(RoarError, match=r"no method 'igg'.*did you mean 'ig'"):
+    with MapStore.open(path) as store, pytest.raises(RoarError, match=r"no method 'igg'.*did you mean 'ig'"):
         store.read("igg")
 
 
@@ -316,7 +315,7 @@ def test_damaged_file_is_a_clear_error(path, data, damage):
         os.truncate(path, path.stat().st_size // 2)
     for action in (
         lambda: StoreWriter(path, **settings()),
-        lambda: AttributionStore.open(path).read("ig"),
+        lambda: MapStore.open(path).read("ig"),
         lambda: describe(path),
     ):
         with pytest.raises(RoarError) as err:
@@ -328,7 +327,7 @@ def test_damaged_staging_manifest_is_a_clear_error(path, data):
     with StoreWriter(path, **settings()) as writer:
         write_all(writer, data, only=["grad"])
     (staging_path(path) / "store.json").write_text("{not json")
-    for action in (lambda: StoreWriter(path, **settings()), lambda: AttributionStore.open(path)):
+    for action in (lambda: StoreWriter(path, **settings()), lambda: MapStore.open(path)):
         with pytest.raises(RoarError, match=r"store.json is damaged .*; delete .*test.h5.staging"):
             action()
 
@@ -343,7 +342,7 @@ def test_a_corrupted_staged_chunk_is_removed_and_recomputed(path, data):
         assert writer.pending("ig") == [(128, 192)] and writer.pending("grad") == []
         write_all(writer, data)
         writer.finish()
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         assert_within_float16(store.read("ig"), data["ig"])
 
 
@@ -386,9 +385,9 @@ def test_a_finished_store_gains_a_method(path, data):
         assert writer.pending("ig") == [] and writer.pending("sg") == [(0, N)]
         write_all(writer, {"sg": example_maps(N, GEOMETRY[1:], seed=9)})
         with pytest.raises(RoarError, match="unfinished \\(sg: 300 of 300 images, not yet consolidated"):
-            AttributionStore.open(path)  # staged, not yet consolidated
+            MapStore.open(path)  # staged, not yet consolidated
         writer.finish()
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         assert store.methods == ["grad", "ig", "sg"]
         assert store.method_info("sg")["complete"]
     with h5py.File(path, "r") as f:
@@ -402,7 +401,7 @@ def test_partial_maps_of_a_method_no_longer_requested_are_dropped(path, data):
         assert writer.methods.keys() == {"grad"}
         write_all(writer, data, only=["grad"])
         writer.finish()
-    with AttributionStore.open(path) as store:
+    with MapStore.open(path) as store:
         assert store.methods == ["grad"]
 
 
@@ -453,19 +452,19 @@ def test_the_rerun_hint_is_kept_in_the_file_for_readers(tmp_path, data):
     with StoreWriter(path, **settings(rerun="roar vog")) as writer:
         write_all(writer, data, only=["grad"])
     with pytest.raises(RoarError, match=r"is unfinished .*; rerun roar vog to complete it$"):
-        AttributionStore.open(path)  # staged only: the hint comes from the manifest
+        MapStore.open(path)  # staged only: the hint comes from the manifest
     with pytest.raises(RoarError, match=r"; rerun roar extract to complete it$"):
-        AttributionStore.open(path, rerun="roar extract")  # the caller knows best
+        MapStore.open(path, rerun="roar extract")  # the caller knows best
     build(path, data, rerun="roar vog")
     good = {"dataset": "shapes", "split": "test", "n": N, "geometry": GEOMETRY, "dataset_fingerprint": "ab12" * 16}
-    with AttributionStore.open(path) as store, pytest.raises(RoarError, match="; rerun roar vog for this dataset"):
+    with MapStore.open(path) as store, pytest.raises(RoarError, match="; rerun roar vog for this dataset"):
         store.validate_for(**{**good, "split": "train"})
     assert "rerun       roar vog" in describe(path)
     plain = tmp_path / "plain.h5"
     with StoreWriter(plain, **settings(rerun=None)) as writer:
         write_all(writer, data, only=["grad"])
     with pytest.raises(RoarError, match=r"; rerun the stage that wrote it to complete it$"):
-        AttributionStore.open(plain)
+        MapStore.open(plain)
 
 
 # -------------------------------------------------------------------------------- files of format version 1
@@ -500,7 +499,7 @@ def test_a_version_1_file_reads_the_same_and_is_extended_in_place_of_itself(tmp_
     to_version_1(old)
     with h5py.File(old, "r") as f:
         assert f.attrs["format_version"] == 1 and f["maps/ig"].attrs["method"] == "integrated_gradients"
-    with AttributionStore.open(new) as a, AttributionStore.open(old) as b:
+    with MapStore.open(new) as a, MapStore.open(old) as b:
         assert b.methods == a.methods and b.identity == a.identity == IDENTITY and b.rerun is None
         for name in METHODS:
             assert np.array_equal(a.read(name), b.read(name)) and a.method_info(name) == b.method_info(name)
@@ -533,7 +532,7 @@ def test_a_version_1_staging_folder_resumes(tmp_path, data):
     with StoreWriter(resumed, **settings()) as writer:
         write_all(writer, data, only=["grad"])
     manifest_to_version_1(resumed)
-    with AttributionStore.open(resumed, require_complete=False) as store:
+    with MapStore.open(resumed, require_complete=False) as store:
         assert store.identity == IDENTITY and store.method_info("grad")["rows_done"] == N
     with StoreWriter(resumed, **settings()) as writer:
         assert writer.pending("grad") == [] and writer.pending("ig") == [(0, N)]

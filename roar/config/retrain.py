@@ -60,20 +60,13 @@ class RetrainConfig(Section):
 
     @field_validator("thresholds")
     @classmethod
-    def _percentages(cls, thresholds: list[float]) -> list[float]:
-        bad = [t for t in thresholds if not 0 < t < 100]
-        if bad or not thresholds:
-            raise ValueError(f"thresholds are percentages strictly between 0 and 100, got {bad or thresholds}")
-        return thresholds
+    def _thresholds(cls, thresholds: list[float]) -> list[float]:
+        return _percentages(thresholds, "thresholds")
 
     @field_validator("leakage")
     @classmethod
-    def _leakage_percentages(cls, leakage: bool | list[float]) -> bool | list[float]:
-        if isinstance(leakage, list):
-            bad = [t for t in leakage if not 0 < t < 100]
-            if bad or not leakage:
-                raise ValueError(f"leakage thresholds are percentages strictly between 0 and 100, got {bad or leakage}")
-        return leakage
+    def _leakage_thresholds(cls, leakage: bool | list[float]) -> bool | list[float]:
+        return _percentages(leakage, "leakage thresholds") if isinstance(leakage, list) else leakage
 
     @field_validator("fill")
     @classmethod
@@ -81,3 +74,10 @@ class RetrainConfig(Section):
         if fill.patches:
             raise ValueError(f"fill {fill.name} replaces whole patches, which ROAR/KAR do not rank; use curves for it")
         return fill
+
+
+def _percentages(values: list[float], what: str) -> list[float]:
+    bad = [t for t in values if not 0 < t < 100]
+    if bad or not values:
+        raise ValueError(f"{what} are percentages strictly between 0 and 100, got {bad or values}")
+    return values

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -18,17 +18,17 @@ from pydantic_core import PydanticCustomError
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig
+from roar.config.registered import registered
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
 from roar.core.errors import RoarError
-from roar.core.registry import closest
 from roar.core.schema import Section, dump_yaml, format_validation_error
-from roar.data import DATASETS
-from roar.models import MODELS
+from roar.data import DATASETS, DatasetConfig
+from roar.models import MODELS, ModelConfig
 from roar.training.config import TrainingConfig
 
-DatasetSection = Annotated[Union[tuple(DATASETS.configs())], Field(discriminator="name")]  # noqa: UP007
-ModelSection = Annotated[Union[tuple(MODELS.configs())], Field(discriminator="name")]  # noqa: UP007
+DatasetSection = registered(DATASETS, DatasetConfig, default="shapes")
+ModelSection = registered(MODELS, ModelConfig, default="resnet8")
 
 RENAMED_SECTIONS = {"roar": "retrain", "lerf": "curves"}
 """Sections under their earlier names, still read (the ROAR seed's users write ``lerf``)."""
@@ -62,29 +62,8 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _resolve_component_names(cls, data: Any) -> Any:
-        """A section without ``name`` is the default component; an unknown name gets a hint."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        data = rename_sections(data)
-        for section, registry, default in (("dataset", DATASETS, "shapes"), ("model", MODELS, "resnet8")):
-            value = data.get(section)
-            if isinstance(value, dict):
-                value = data[section] = {"name": default, **value}
-                if value["name"] not in registry:
-                    raise PydanticCustomError(
-                        "unknown_name",
-                        "unknown {kind} '{name}'{hint}; known: {known}",
-                        {
-                            "key": f"{section}.name",
-                            "kind": registry.kind,
-                            "name": str(value["name"]),
-                            "hint": closest(str(value["name"]), registry.names()),
-                            "known": ", ".join(registry.names()),
-                        },
-                    )
-        return data
+    def _current_section_names(cls, data: Any) -> Any:
+        return rename_sections(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> RunConfig:

@@ -21,7 +21,7 @@ The values are a dict, not a bare tensor, so that one pass may return companion 
 metric's own (a rank beside a hit, say) under names the metric documents; stages read ``name``.
 
 Adding a metric is one file in ``roar/metrics/`` holding a ``Metric`` subclass decorated with
-``@register``, and its import in ``roar/metrics/__init__.py``; ``tests/metric_example.py`` is a
+``@register``, and its import in ``roar/metrics/__init__.py``; ``tests/examples/metric_example.py`` is a
 complete example. ``register`` checks the declarations, so a misspelt direction or need fails at
 import, not in the middle of a stage.
 

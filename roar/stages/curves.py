@@ -40,10 +40,9 @@ from roar.data import build_dataset
 from roar.metrics import CurveMeasure, curve_measures
 from roar.perturb.curves import CurveSums, curve_sums, softmax
 from roar.perturb.fills import build_fill
-from roar.stages.extract import store_path
+from roar.stages.extract import open_maps, store_path
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
-from roar.store import AttributionStore
 
 RANDOM = "random_order"  # the method name of the random-order control (it uses no map)
 SUPPLIES = frozenset({"model", "maps"})  # what this stage hands its measures (``Metric.needs``)
@@ -100,17 +99,8 @@ def run(cfg: RunConfig) -> StageResult:
     dataset = build_dataset(cfg.dataset)
     split = dataset.split(lc.split)
     path = store_path(cfg, lc.split)
-    if not path.exists():
-        raise RoarError(f"no attribution maps for the {lc.split} split at {path}: run 'roar extract' first")
     model, _, model_path = load_run_model(cfg, dataset, device)
-    with AttributionStore.open(path) as store:
-        store.validate_for(
-            dataset=dataset.name,
-            split=lc.split,
-            n=len(split),
-            geometry=split.geometry,
-            dataset_fingerprint=split.fingerprint(),
-        )
+    with open_maps(cfg, dataset, lc.split) as store:
         if store.channels:
             raise RoarError(f"{path} keeps one map per channel; perturbation curves need maps reduced over channels")
         methods = lc.methods if lc.methods is not None else store.methods
@@ -135,7 +125,7 @@ def run(cfg: RunConfig) -> StageResult:
     todo = [(m, orders) for m, orders in curves if orders and not _finished(parts / f"{m}.csv", header)]
     batches = [rows[a : a + lc.batch_size] for a in range(0, len(rows), lc.batch_size)]
     bar = tqdm(total=len(todo) * len(batches), desc="curves", unit="batch", disable=None)
-    with AttributionStore.open(path) as store:
+    with open_maps(cfg, dataset, lc.split) as store:
         for method, orders in todo:
             bar.set_postfix_str(method)
             sums: dict[str, CurveSums] = {}

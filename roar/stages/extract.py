@@ -26,13 +26,31 @@ from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
-from roar.store import AttributionStore, StoreWriter
+from roar.store import MapStore, StoreWriter
 
 RERUN = "roar extract"  # what recreates a store, for its error messages
 
 
 def store_path(cfg: RunConfig, split: str) -> Path:
     return cfg.run_dir / "attributions" / f"{split}.h5"
+
+
+def open_maps(cfg: RunConfig, dataset: Dataset, split_name: str) -> MapStore:
+    """The run's stored maps of a split, checked against the dataset a stage will read them with."""
+    split = dataset.split(split_name)
+    store = MapStore.open(store_path(cfg, split_name), rerun=RERUN)
+    try:
+        store.validate_for(
+            dataset=dataset.name,
+            split=split_name,
+            n=len(split),
+            geometry=split.geometry,
+            dataset_fingerprint=split.fingerprint(),
+        )
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def build_method(entry: MethodEntry, max_batch: int | None) -> Attribution:
@@ -139,7 +157,7 @@ def extract_split(
             bar.update(stop - start)
         bar.close()
         writer.finish()
-    with AttributionStore.open(path, rerun=RERUN) as store:
+    with MapStore.open(path, rerun=RERUN) as store:
         return {
             "split": split_name,
             "images": store.n,

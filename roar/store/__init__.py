@@ -13,14 +13,13 @@ a VoG snapshot's input gradients), each with the identity its writer gave it. Th
 
 from roar.store.describe import describe
 from roar.store.format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, chunk_rows_for, dequantize, quantize, staging_path
-from roar.store.reader import AttributionStore, MapStore
+from roar.store.reader import MapStore
 from roar.store.writer import StoreWriter
 
 __all__ = [
     "CHUNK_BYTES",
     "FORMAT",
     "FORMAT_VERSION",
-    "AttributionStore",
     "MapStore",
     "StoreWriter",
     "chunk_rows_for",

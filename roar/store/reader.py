@@ -6,8 +6,7 @@ listing what is missing, so no stage ever evaluates a half-written set by accide
 ``require_complete=False`` rows not yet computed read as NaN and labels as -1.
 
 Files of every format version read the same way: the header and each set's identity are
-presented in today's layout (``roar.store.format``). ``AttributionStore`` is the same reader
-under the name the attribution stages use, which also names a missing file an attribution store.
+presented in today's layout (``roar.store.format``).
 """
 
 from __future__ import annotations
@@ -92,8 +91,6 @@ class MapStore:
     command that recreates the file (None for files that do not record one).
     """
 
-    KIND = "store"  # what a missing file is called in the error
-
     def __init__(self, path: Path, header: dict, methods: dict[str, dict], sources: dict, h5, staging, rows):
         self.path = path
         self.attrs = header
@@ -130,7 +127,7 @@ class MapStore:
         consolidated = read_sets(path, h5, rerun) if h5 is not None else {}
         manifest = staging.live_manifest(consolidated)
         if h5 is None and manifest is None:
-            raise RoarError(f"no {cls.KIND} at {path}; run {rerun or 'the stage that writes it'} first")
+            raise RoarError(f"no store at {path}; run {rerun or 'the stage that writes it'} first")
         header = {key: value for key, value in (stored or manifest).items() if key not in ("chunk_rows", "methods")}
         header["identity"] = store_identity(header)
         rerun = header["rerun"] = rerun or (manifest or {}).get("rerun")
@@ -261,12 +258,6 @@ class MapStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class AttributionStore(MapStore):
-    """``MapStore`` under the name the attribution stages use; a missing file is an attribution store."""
-
-    KIND = "attribution store"
 
 
 def _unfinished(path: Path, n: int, methods: dict[str, dict], rerun: str | None) -> str:

@@ -25,7 +25,7 @@ Two paths give bit-identical images for the same indices, both equal to ``remova
   mixes many blocks. The main process ranks the maps on the device with the same function and
   seed as the in-memory path, then applies the fill.
 
-The maps are the store's dequantised float32 values (``AttributionStore.read``) in both paths, and
+The maps are the store's dequantised float32 values (``MapStore.read``) in both paths, and
 ties are broken by the seeded per-(image, position) key of ``roar.perturb.ranking``, which does
 not depend on batch composition: that is what makes the two paths agree bit for bit.
 """
@@ -46,7 +46,8 @@ from roar.core.errors import RoarError
 from roar.data.base import ImageSplit
 from roar.perturb.fills import ConstantFill, ablate
 from roar.perturb.ranking import GRANULARITIES, MODES, count, mask_from_ranks, ranks
-from roar.store import AttributionStore
+from roar.stages.extract import RERUN as EXTRACT
+from roar.store import MapStore
 from roar.training.sources import _batch_slices, _permutation
 
 Fill = Callable[..., torch.Tensor]
@@ -113,7 +114,7 @@ def _validated_layout(
 
     The store is opened and closed here, in the calling process: workers open their own handles.
     """
-    with AttributionStore.open(store_path) as store:
+    with MapStore.open(store_path, rerun=EXTRACT) as store:
         store.validate_for(
             dataset=dataset_name if dataset_name is not None else store.attrs["dataset"],
             split=split_name if split_name is not None else store.split,
@@ -215,7 +216,7 @@ def _removal_masks(store_path, method, n, fraction, mode, seed, granularity, dev
     """Removal masks of every row, ranked one store chunk at a time on the device."""
     removed = None
     done = 0
-    with AttributionStore.open(store_path) as store:
+    with MapStore.open(store_path, rerun=EXTRACT) as store:
         for start, chunk in store.read_chunks(method):
             maps = torch.from_numpy(chunk).to(device)
             indices = torch.arange(start, start + len(chunk))
@@ -242,15 +243,15 @@ class _Blocks(torch.utils.data.Dataset):
     def __init__(self, split: ImageSplit, store_path: Path, method: str, rows: int):
         self.split, self.store_path, self.method, self.rows = split, store_path, method, rows
         self.n = len(split)
-        self._store: AttributionStore | None = None
+        self._store: MapStore | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.rows)
 
-    def _reader(self) -> AttributionStore:
+    def _reader(self) -> MapStore:
         if self._store is None or self._pid != os.getpid():
-            self._store = AttributionStore.open(self.store_path)
+            self._store = MapStore.open(self.store_path, rerun=EXTRACT)
             self._pid = os.getpid()
         return self._store
 

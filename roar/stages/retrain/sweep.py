@@ -31,12 +31,11 @@ from roar.core.provenance import guard_settings, record_run
 from roar.data import Dataset, build_dataset
 from roar.models import build_model
 from roar.perturb.fills import build_fill
-from roar.stages.extract import store_path
+from roar.stages.extract import open_maps, store_path
 from roar.stages.result import StageResult
 from roar.stages.retrain.data import ablated_source
 from roar.stages.retrain.jobs import run_shards
 from roar.stages.retrain.summary import summarise
-from roar.store import AttributionStore
 from roar.training.config import SnapshotConfig, TrainingConfig
 from roar.training.sources import source_for
 from roar.training.trainer import fit
@@ -232,7 +231,7 @@ def run(cfg: RunConfig, modes: list[str], shard: str | None = None) -> StageResu
     dataset = build_dataset(cfg.dataset)
     stored = []
     for split in ("test", "train"):  # retraining reads the train maps, testing the test maps
-        with AttributionStore.open(store_path(cfg, split)) as store:
+        with open_maps(cfg, dataset, split) as store:
             stored.append(store.methods)
     store_methods = [m for m in stored[0] if m in stored[1]]
     out = cfg.run_dir / "retrain"
