@@ -66,3 +66,23 @@ def test_taskfile_lists_the_stages_and_passes_arguments(repo, task_bin):
         env=env,
     )
     assert "train --config configs/smoke.yaml --set 'training.epochs=3'" in dry.stderr + dry.stdout
+
+
+def test_the_seeds_names_stay_as_aliases(repo, task_bin):
+    from roar.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["lerf"]).func is parser.parse_args(["curves"]).func
+    assert parser.parse_args(["evaluate", "--mode", "kar"]).func is parser.parse_args(["retrain"]).func
+    env = {**os.environ, "NO_COLOR": "1"}
+    for task, command in (("lerf", "curves"), ("evaluate-roar", "retrain --mode roar"), ("demo", "curves")):
+        dry = subprocess.run([task_bin, "--dry", task], cwd=repo, capture_output=True, text=True, env=env)
+        assert dry.returncode == 0 and f"-m roar {command} --config" in dry.stderr + dry.stdout, task
+
+
+def test_list_names_every_registry(repo):
+    lines = roar("list", cwd=repo).stdout.splitlines()
+    kinds = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in lines}
+    assert set(kinds) == {"datasets", "models", "methods", "fills", "metrics"}
+    assert {"noise_tunnel", "ig_vargrad"} <= set(kinds["methods"]) and "patch_mean" in kinds["fills"]
+    assert "accuracy" in kinds["metrics"]

@@ -345,7 +345,8 @@ def _run_in_repo(argv: list[str], stdin: str | None = None) -> subprocess.Comple
 def _assert_lists_pipeline_tasks(argv: list[str], result: subprocess.CompletedProcess[str]) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{argv} exited {result.returncode}:\n{output}"
-    listed = set(re.findall(r"^\* ([\w:.-]+):", result.stdout, flags=re.MULTILINE))
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)  # task colours its listing when CI=true
+    listed = set(re.findall(r"^\* ([\w:.-]+):", plain, flags=re.MULTILINE))
     missing = [name for name in PIPELINE_TASKS if name not in listed]
     assert not missing, f"{argv} did not list {missing}:\n{output}"
 

@@ -1,4 +1,4 @@
-"""Perturbation curves: removal order, patch steps, fills, measures, areas and the ``roar lerf`` stage."""
+"""Perturbation curves: removal order, patch steps, fills, measures, areas and the ``roar curves`` stage."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_areas_integrate_over_the_fraction_not_the_step_index():
     assert by_hand != pytest.approx(np.trapezoid(accuracy)), "the step index would give another area"
 
 
-def test_lerf_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained_run, tmp_path):
+def test_curves_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained_run, tmp_path):
     overrides = [
         "attribution.methods=[gradient, ground_truth]",
         "attribution.splits=[test]",
