@@ -105,6 +105,26 @@ def test_dumped_config_loads_back_to_the_same_config(tmp_path, repo):
     assert load_config(path) == cfg
 
 
+def test_method_entries_are_written_back_in_the_form_they_were_given(tmp_path):
+    methods = [
+        "gradient",
+        {"name": "integrated_gradients", "steps": 8},
+        {"name": "ig_white", "method": "integrated_gradients", "baseline": "white"},
+        {"name": "ig_vg", "method": "noise_tunnel", "base": "integrated_gradients", "base_params": {"steps": 4}},
+    ]
+    cfg = config_from_dict({"attribution": {"methods": methods}})
+    assert [e.method for e in cfg.attribution.entries()] == [
+        "gradient",
+        "integrated_gradients",
+        "integrated_gradients",
+        "noise_tunnel",
+    ]
+    assert cfg.attribution.model_dump(mode="json")["methods"] == methods
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
 def test_file_errors_are_one_line(tmp_path):
     with pytest.raises(RoarError, match="config file not found"):
         read_yaml(tmp_path / "missing.yaml")

@@ -79,6 +79,10 @@ def test_fills_are_typed_in_every_section():
         config_from_dict({"roar": {"fill": {"name": "blur", "sigmaa": 2}}})
     with pytest.raises(RoarError, match=r"curves.fill.name: unknown fill 'blurr' \(did you mean 'blur'\?\)"):
         config_from_dict({"curves": {"fill": {"name": "blurr"}}})
+    with pytest.raises(RoarError, match="retrain.fill: expected a fill name or a mapping with 'name'"):
+        config_from_dict({"retrain": {"fill": 3}})
+    with pytest.raises(RoarError, match=r"retrain.fill.mean: needs one value in \[0, 1\] per channel"):
+        config_from_dict({"retrain": {"fill": {"name": "mean", "mean": [2]}}})
     with pytest.raises(RoarError, match="replaces whole patches"):
         config_from_dict({"retrain": {"fill": "patch_mean"}})
     with pytest.raises(RoarError, match="set granularity: patch"):

@@ -38,8 +38,8 @@ class Section(BaseModel):
 def format_validation_error(error: ValidationError, raw: Any) -> str:
     """One line per problem, each naming the dotted key as the user wrote it in YAML.
 
-    Locations through a discriminated union carry the tag (``dataset.shapes.seed``); the tag
-    is not a key the user wrote, so parts that are not keys of the raw data are dropped.
+    Locations through a union carry the member's tag (``retrain.training.TrainingConfig.epochs``);
+    the tag is not a key the user wrote, so parts that are not keys of the raw data are dropped.
     """
     lines = []
     for item in error.errors():

@@ -31,11 +31,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError
 
 from roar.core.errors import RoarError
 from roar.core.registry import Registry
@@ -59,6 +59,16 @@ def ablate(images: torch.Tensor, removed: torch.Tensor, fill: Fill, **context: A
     return torch.where(removed, filled.to(images.dtype), images)
 
 
+def _unit_values(values: list[float]) -> list[float]:
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError("needs one value in [0, 1] per channel (images are in [0, 1] before normalisation)")
+    return values
+
+
+ChannelValues = Annotated[list[float], AfterValidator(_unit_values)]
+"""A value per channel in [0, 1] space (fills act before normalisation)."""
+
+
 class FillSection(Section):
     """The config of a fill: ``name`` (its registered name, the tag of the ``fill`` union) and its parameters."""
 
@@ -70,16 +80,9 @@ class FillSection(Section):
 
 class MeanFillConfig(FillSection):
     name: Literal["mean"] = "mean"
-    mean: list[float] | None = Field(
+    mean: ChannelValues | None = Field(
         None, description="per-channel value in [0, 1]; default: the dataset's per-channel mean"
     )
-
-    @field_validator("mean")
-    @classmethod
-    def _unit_interval(cls, mean: list[float] | None) -> list[float] | None:
-        if mean is not None and (not mean or any(not 0.0 <= m <= 1.0 for m in mean)):
-            raise ValueError("needs one value in [0, 1] per channel (images are in [0, 1] before normalisation)")
-        return mean
 
 
 class ConstantFill:
@@ -249,19 +252,12 @@ def list_fills() -> list[str]:
 class RoadFillConfig(FillSection):
     name: Literal["road"] = "road"
     noise: float = Field(0.01, ge=0, description="standard deviation of the noise on imputed values ([0, 1] units)")
-    fallback: list[float] | None = Field(
+    fallback: ChannelValues | None = Field(
         None,
         description="per-channel value in [0, 1] for a channel removed entirely (nothing to impute from); "
         "default: the dataset's per-channel mean, else 0.5",
     )
     seed: int = Field(0, ge=0, lt=2**63, description="noise seed; an image's noise depends on it and its dataset index")
-
-    @field_validator("fallback")
-    @classmethod
-    def _unit_interval(cls, fallback: list[float] | None) -> list[float] | None:
-        if fallback is not None and (not fallback or any(not 0.0 <= v <= 1.0 for v in fallback)):
-            raise ValueError("needs one value in [0, 1] per channel (images are in [0, 1] before normalisation)")
-        return fallback
 
 
 def _splitmix64(x: int) -> int:
