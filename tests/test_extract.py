@@ -94,6 +94,31 @@ def test_adding_a_method_computes_only_that_method(trained_run, tmp_path, monkey
         assert store.methods == ["gradient", "sobel"]
 
 
+def test_maps_of_an_earlier_model_are_refused_by_the_stages_that_read_them(trained_run, tmp_path):
+    """A retrained model makes the stored maps stale: curves and retraining refuse them, naming both models."""
+    from roar.stages import curves
+    from roar.stages.extract import open_maps, trained_model_hash
+    from roar.stages.retrain import sweep
+
+    cfg, _ = run_copy(trained_run, tmp_path, "stale", ["attribution.methods=[gradient]", "curves.max_images=8"])
+    extract(cfg)
+    dataset = build_dataset(cfg.dataset)
+    before = trained_model_hash(cfg)
+    with open_maps(cfg, dataset, "test") as store:
+        assert store.attrs["model_hash"] == before
+    model = cfg.run_dir / "train" / "model.pt"
+    state = torch.load(model, weights_only=True)
+    next(iter(state["state_dict"].values())).add_(1e-3)  # the model "retrained"
+    torch.save(state, model)
+    after = trained_model_hash(cfg)
+    stale = rf"store was made with model {before[:12]}\.\.\., this run's model is {after[:12]}"
+    with pytest.raises(RoarError, match=stale):
+        curves.run(cfg)
+    with pytest.raises(RoarError, match=stale):
+        sweep.run(cfg, ["roar"])
+    assert not (cfg.run_dir / "curves").exists() and not (cfg.run_dir / "retrain").exists(), "a refused run wrote"
+
+
 def test_nan_maps_are_refused_naming_method_and_image(trained_run, tmp_path):
     method = "[{name: broken, method: tests.test_extract.nan_method}]"
     cfg, _ = run_copy(trained_run, tmp_path, "nan", [f"attribution.methods={method}", "attribution.splits=[test]"])

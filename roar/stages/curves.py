@@ -40,7 +40,7 @@ from roar.data import build_dataset
 from roar.metrics import CurveMeasure, curve_measures
 from roar.perturb.curves import CurveSums, curve_sums, softmax
 from roar.perturb.fills import build_fill
-from roar.stages.extract import open_maps, store_path
+from roar.stages.extract import open_maps, store_path, trained_model_hash
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
 
@@ -66,6 +66,7 @@ def _settings(cfg: RunConfig) -> dict:
         "model": cfg.model.model_dump(mode="json"),
         "curves": cfg.curves.model_dump(mode="json", exclude={"methods", "orders", "batch_size", "amp"}),
         "seed": cfg.seed,
+        "model_hash": trained_model_hash(cfg),  # the model measured, and the one the maps come from
     }
 
 

@@ -35,8 +35,17 @@ def store_path(cfg: RunConfig, split: str) -> Path:
     return cfg.run_dir / "attributions" / f"{split}.h5"
 
 
+def trained_model_hash(cfg: RunConfig) -> str:
+    """The hash of the run's trained model (``<run>/train/model.pt``): what its maps were computed from."""
+    path = cfg.run_dir / "train" / "model.pt"
+    if not path.exists():
+        raise RoarError(f"no trained model at {path}: run 'roar train' first")
+    return file_hash(path)
+
+
 def open_maps(cfg: RunConfig, dataset: Dataset, split_name: str) -> MapStore:
-    """The run's stored maps of a split, checked against the dataset a stage will read them with."""
+    """The run's stored maps of a split, checked against the dataset a stage will read them with and
+    against the run's trained model (maps of an earlier model are refused, never reused)."""
     split = dataset.split(split_name)
     store = MapStore.open(store_path(cfg, split_name), rerun=RERUN)
     try:
@@ -46,6 +55,7 @@ def open_maps(cfg: RunConfig, dataset: Dataset, split_name: str) -> MapStore:
             n=len(split),
             geometry=split.geometry,
             dataset_fingerprint=split.fingerprint(),
+            model_hash=trained_model_hash(cfg),
         )
     except BaseException:
         store.close()

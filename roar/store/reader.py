@@ -223,8 +223,11 @@ class MapStore:
         spec = self._methods[method]
         return {**spec["identity"], "rows_done": spec["rows_done"], "n": self.n, "complete": spec["consolidated"]}
 
-    def validate_for(self, *, dataset: str, split: str, n: int, geometry, dataset_fingerprint: str) -> None:
-        """RoarError naming the first way in which this store does not belong to the given dataset split."""
+    def validate_for(
+        self, *, dataset: str, split: str, n: int, geometry, dataset_fingerprint: str, model_hash: str | None = None
+    ) -> None:
+        """RoarError naming the first way in which this store does not belong to the given dataset split
+        (and, with ``model_hash``, to the model whose arrays it should hold)."""
         checks = [
             (self.split == split, f"store is for split '{self.split}', asked for '{split}'"),
             (
@@ -240,6 +243,10 @@ class MapStore:
                 self.attrs["dataset_fingerprint"] == dataset_fingerprint,
                 f"store was made for dataset fingerprint {short(self.attrs['dataset_fingerprint'])}, "
                 f"this dataset is {short(dataset_fingerprint)}",
+            ),
+            (
+                model_hash is None or self.attrs["model_hash"] == model_hash,
+                f"store was made with model {short(self.attrs['model_hash'])}, this run's model is {short(model_hash)}",
             ),
         ]
         for ok, message in checks:

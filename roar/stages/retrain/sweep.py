@@ -31,7 +31,7 @@ from roar.core.provenance import guard_settings, record_run
 from roar.data import Dataset, build_dataset
 from roar.models import build_model
 from roar.perturb.fills import build_fill
-from roar.stages.extract import open_maps, store_path
+from roar.stages.extract import open_maps, store_path, trained_model_hash
 from roar.stages.result import StageResult
 from roar.stages.retrain.data import ablated_source
 from roar.stages.retrain.jobs import run_shards
@@ -210,7 +210,8 @@ def check_settings(out: Path, cfg: RunConfig) -> None:
     """One results.csv holds runs of one protocol: refuse to mix in runs made with other settings.
 
     Methods, thresholds, seeds and modes may grow (new rows); anything that changes what a row
-    means (the retraining recipe, fill, granularity, tie-break seed, dataset, model) may not.
+    means (the retraining recipe, fill, granularity, tie-break seed, dataset, model, and the base
+    model the maps were computed from) may not.
     """
     settings = {
         "dataset": cfg.dataset.model_dump(mode="json", exclude={"root", "cache"}),
@@ -220,6 +221,7 @@ def check_settings(out: Path, cfg: RunConfig) -> None:
         ),
         "retrain": cfg.retrain.model_dump(mode="json", include={"granularity", "fill"}),
         "seed": cfg.seed,
+        "maps_model_hash": trained_model_hash(cfg),  # the base model whose maps are removed or kept
     }
     guard_settings(out, settings, "ROAR/KAR results")
 
