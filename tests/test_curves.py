@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from helpers import run_copy
 from torch import nn
 
+from roar.config import load_config
 from roar.core.errors import RoarError
 from roar.core.tables import read_csv
 from roar.metrics import curve_measures
@@ -27,6 +29,7 @@ from roar.stages.curves import areas, run
 from roar.stages.extract import run as extract
 
 H = W = 6
+REPO = Path(__file__).resolve().parents[1]
 
 
 def known_ranking():
@@ -164,7 +167,7 @@ def test_areas_integrate_over_the_fraction_not_the_step_index():
     assert by_hand != pytest.approx(np.trapezoid(accuracy)), "the step index would give another area"
 
 
-def test_curves_stage_writes_curves_resumes_and_refuses_a_changed_protocol(trained_run, tmp_path):
+def test_curves_stage_writes_curves_resumes_and_recomputes_what_changed(trained_run, tmp_path):
     overrides = [
         "attribution.methods=[gradient, ground_truth]",
         "attribution.splits=[test]",
@@ -187,19 +190,63 @@ def test_curves_stage_writes_curves_resumes_and_refuses_a_changed_protocol(train
         ("ground_truth", "lerf"),
         ("random_order", "random"),
     }
-    assert len(rows) == 5 * 4 and first["ran"] == 3 and first["images"] == 96
+    assert len(rows) == 5 * 4 and first["ran"] == 5 and first["images"] == 96
     assert {r["images"] for r in rows} == {"96"}
     step0 = {r["accuracy"] for r in rows if r["step"] == "0"}
     assert len(step0) == 1, "step 0 is the clean image for every curve"
-    for name in ("summary.csv", "summary.md", "curves.png", "config.yaml", "provenance.json", "settings.json"):
+    for name in ("summary.csv", "summary.md", "curves.png", "config.yaml", "provenance.json"):
         assert (out / name).exists(), name
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert {r["method"] for r in summary} == {"gradient", "ground_truth", "random_order"}
-    assert run(cfg)["ran"] == 0, "finished methods must be skipped"
+    again = run(cfg)
+    assert again["ran"] == 0 and again["recomputed"] == 0, "finished curves must be reused"
+    assert read_csv(out / "results.csv") == rows
 
     changed = cfg.model_copy(update={"curves": cfg.curves.model_copy(update={"fill": ZeroFillConfig()})})
-    with pytest.raises(RoarError, match=r"differs in: curves"):
-        run(changed)
+    result = run(changed)
+    assert result["ran"] == result["recomputed"] == 5
+    assert "5 of 5 recomputed: settings changed: curves.fill.name" in result.summary()
+    assert {r["fill"] for r in read_csv(out / "results.csv")} == {"zero"}
+
+
+def test_curves_of_maps_recomputed_with_new_content_are_recomputed(trained_run, tmp_path):
+    """Maps re-extracted under the same method name with other content (here: the store deleted and
+    'gradient' extracted by another method) make that method's curves stale; the others are reused."""
+    common = ["attribution.splits=[test]", "curves.steps=[0, 0.5, 1.0]", "curves.max_images=32"]
+    cfg, sets = run_copy(trained_run, tmp_path, "stale", [*common, "attribution.methods=[gradient, ground_truth]"])
+    extract(cfg)
+    run(cfg)
+    out = cfg.run_dir / "curves"
+    old = {(r["method"], r["order"], r["step"]): r for r in read_csv(out / "results.csv")}
+
+    (cfg.run_dir / "attributions" / "test.h5").unlink()
+    swapped = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [*sets, "attribution.methods=[{name: gradient, method: grad_x_input}, ground_truth]"],
+    )
+    extract(swapped)
+    result = run(swapped)
+    assert result["ran"] == 2 and result["recomputed"] == 2
+    assert "2 of 5 recomputed: maps of gradient changed" in result.summary()
+    new = {(r["method"], r["order"], r["step"]): r for r in read_csv(out / "results.csv")}
+    assert {k: v for k, v in new.items() if k[0] != "gradient"} == {k: v for k, v in old.items() if k[0] != "gradient"}
+    assert any(new[k] != old[k] for k in new if k[0] == "gradient" and k[2] != "0")
+
+
+def test_curves_rerun_with_more_orders_computes_only_the_new_ones(trained_run, tmp_path):
+    common = ["attribution.methods=[gradient]", "attribution.splits=[test]", "curves.steps=[0, 1.0]"]
+    cfg, sets = run_copy(trained_run, tmp_path, "orders", [*common, "curves.max_images=16", "curves.orders=[morf]"])
+    extract(cfg)
+    assert run(cfg)["ran"] == 1
+    more = load_config(REPO / "configs" / "smoke.yaml", [*sets, "curves.orders=[morf, lerf, random]"])
+    result = run(more)
+    assert result["ran"] == 2 and result["recomputed"] == 0
+    rows = read_csv(cfg.run_dir / "curves" / "results.csv")
+    assert {(r["method"], r["order"]) for r in rows} == {
+        ("gradient", "morf"),
+        ("gradient", "lerf"),
+        ("random_order", "random"),
+    }
 
 
 def test_patch_degradation_with_patch_mean_fill_runs_through_the_stage(trained_run, tmp_path):
@@ -277,7 +324,8 @@ def test_a_new_curve_measure_reaches_every_output_and_older_parts_are_recomputed
     register(Confidence, into=registry)
     monkeypatch.setattr(stage, "curve_measures", lambda: curve_measures(registry))
     again = run(cfg)
-    assert again["ran"] == 2, "both parts lacked the new column"
+    assert again["ran"] == 3, "every part lacked the new measure"
+    assert "3 of 3 recomputed: settings changed: measures" in again.summary()
     after = read_csv(out / "results.csv")
     assert list(after[0]) == [
         *("method", "order", "granularity", "fill", "step", "fraction"),

@@ -302,7 +302,7 @@ def test_unknown_method_suggests_a_name(path, data):
 
 
 def test_second_writer_on_the_same_store_is_refused(path):
-    with StoreWriter(path, **settings()), pytest.raises(RoarError, match="another process is writing"):
+    with StoreWriter(path, **settings()), pytest.raises(RoarError, match=r"another process \(pid \d+ .*\) is writing"):
         StoreWriter(path, **settings())
 
 
@@ -392,6 +392,38 @@ def test_a_finished_store_gains_a_method(path, data):
         assert store.method_info("sg")["complete"]
     with h5py.File(path, "r") as f:
         assert np.array_equal(f["maps/ig"][:], before)
+
+
+def test_the_content_digest_follows_the_stored_values_and_survives_extension(tmp_path, data):
+    """What results record as the identity of the maps they read: equal for equal values, different
+    when any value differs, kept when the store gains a set, and the same when computed from a file
+    written before digests were recorded."""
+    first, second, changed = (tmp_path / name / "test.h5" for name in ("a", "b", "c"))
+    build(first, data)
+    build(second, data)
+    altered = {**data, "ig": data["ig"].copy()}
+    altered["ig"][N - 1, 5, 5] = 1234.5
+    build(changed, altered)
+    with MapStore.open(first) as a, MapStore.open(second) as b, MapStore.open(changed) as c:
+        digests = {name: a.digest(name) for name in METHODS}
+        assert all(len(d) == 16 for d in digests.values()) and digests["grad"] != digests["ig"]
+        assert {name: b.digest(name) for name in METHODS} == digests
+        assert c.digest("grad") == digests["grad"] and c.digest("ig") != digests["ig"]
+
+    extra = {**METHODS, "sg": {"method": "smoothgrad", "params": {"n": 25}}}
+    with StoreWriter(first, **settings(methods=extra)) as writer:
+        write_all(writer, {"sg": example_maps(N, GEOMETRY[1:], seed=9)})
+        with MapStore.open(first, require_complete=False) as partial, pytest.raises(RoarError, match="unfinished"):
+            partial.digest("sg")
+        writer.finish()
+    with MapStore.open(first) as store:
+        assert {name: store.digest(name) for name in METHODS} == digests
+
+    with h5py.File(second, "r+") as f:  # as written before digests were recorded
+        for name in METHODS:
+            del f["maps"][name].attrs["digest"]
+    with MapStore.open(second) as store:
+        assert {name: store.digest(name) for name in METHODS} == digests
 
 
 def test_partial_maps_of_a_method_no_longer_requested_are_dropped(path, data):

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -63,11 +65,67 @@ def move_into_place(tmp: str | Path, path: str | Path, *, sync_dir: bool = True)
         fsync_dir(path.parent)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read by setting it and setting it back)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def _temporary(path: Path, suffix: str) -> Path:
+    """A new empty temporary file next to ``path``, with the permissions the umask gives a new file.
+
+    ``mkstemp`` creates it readable by its owner only; the results of a shared cluster folder must
+    be readable by whoever the umask allows, like any file the user creates.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def temporary_folder(path: str | Path) -> Path:
+    """A new empty temporary folder next to ``path`` (``.<name>.<random>.tmp``), with the umask's permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+TEMPORARY = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
+"""The names this module gives temporary files and folders: ``.<name>.<random>.tmp[.<ext>]``."""
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files and folders that killed writers left anywhere under ``folder``.
+
+    Only safe while holding the folder's lock (``roar.core.locks.output_folder``): a live writer's
+    temporary file would be deleted under it. Returns how many were removed.
+    """
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for root, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if TEMPORARY.match(d)]:
+            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            dirs.remove(name)
+            removed += 1
+        for name in files:
+            if TEMPORARY.match(name):
+                (Path(root) / name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

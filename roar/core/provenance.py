@@ -18,7 +18,6 @@ import torch
 
 import roar
 from roar.core.atomic import write_text_atomic
-from roar.core.errors import RoarError
 from roar.core.schema import dump_yaml
 
 
@@ -86,19 +85,26 @@ def record_run(
     return info
 
 
-def guard_settings(out: str | Path, settings: dict, holds: str = "results") -> None:
-    """A folder holds outputs of one protocol: record ``settings`` in ``out/settings.json`` on first
-    use and refuse to add outputs made with different ones (a RoarError naming the keys)."""
-    out = Path(out)
-    settings = json.loads(json.dumps(settings, default=str))
-    path = out / "settings.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        if changed:
-            raise RoarError(
-                f"{out} holds {holds} made with other settings (differs in: {', '.join(changed)}); "
-                "use another output_dir or name, or delete that folder"
-            )
-    else:
-        write_json(path, settings)
+def fingerprint(value: Any) -> str:
+    """sha256 (16 hex digits) of a JSON-able value in canonical form: the short name of a set of inputs."""
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"dotted.key": leaf}`` (lists and other values are leaves)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """The dotted keys in which two nested dicts of inputs differ (a key only one side has differs too)."""
+    old, new = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
+    return [key for key in dict.fromkeys([*new, *old]) if old.get(key, _MISSING) != new.get(key, _MISSING)]
+
+
+_MISSING = object()

@@ -14,14 +14,16 @@ measures, so a new measure appears in all three without an edit here. Outputs in
   heads each table with the measure's better direction;
 * ``curves.png``: a panel per measure, a colour per method, MoRF solid, LeRF dashed, random dotted.
 
-A finished method's curves go to ``parts/<method>.csv`` at once, so a killed run resumes with the
-methods still missing; one folder holds one protocol (``settings.json`` refuses a change). A part
-that lacks a measure's column (written before that measure was registered) is computed again.
+Each finished curve (a method and an order) goes to ``parts/<method>.<order>.json`` at once, with the
+inputs it was computed from (``part_inputs``: the maps' content digest, the model's hash, the dataset's
+fingerprint, the curve settings, the seed and the measures). A rerun reuses a part only while those
+inputs match, recomputes the others and says why in its summary line (``roar.stages.reuse``); a
+killed run resumes with the curves still missing, and adding an order computes only that order.
 """
 
 from __future__ import annotations
 
-import csv
+import json
 import time
 from pathlib import Path
 
@@ -33,15 +35,17 @@ from roar.config import RunConfig
 from roar.core.atomic import write_text_atomic
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
+from roar.core.locks import output_folder
 from roar.core.plots import pyplot, save_figure
-from roar.core.provenance import guard_settings, record_run
-from roar.core.tables import read_csv, write_csv
+from roar.core.provenance import record_run, write_json
+from roar.core.tables import write_csv
 from roar.data import build_dataset
 from roar.metrics import CurveMeasure, curve_measures
 from roar.perturb.curves import CurveSums, curve_sums, softmax
 from roar.perturb.fills import build_fill
 from roar.stages.extract import open_maps, store_path, trained_model_hash
 from roar.stages.result import StageResult
+from roar.stages.reuse import Reuse
 from roar.stages.train import load_run_model
 
 RANDOM = "random_order"  # the method name of the random-order control (it uses no map)
@@ -60,14 +64,31 @@ def subset(n: int, max_images: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
 
 
-def _settings(cfg: RunConfig) -> dict:
-    return {
-        "dataset": cfg.dataset.model_dump(mode="json", exclude={"root", "cache"}),
-        "model": cfg.model.model_dump(mode="json"),
+def part_inputs(cfg: RunConfig, dataset_fingerprint: str, model_hash: str, maps: str | None, measures) -> dict:
+    """What one curve (a method and an order) is computed from: a part is reused only while these match."""
+    inputs = {
+        "dataset": dataset_fingerprint,
+        "model_hash": model_hash,  # the model measured, and the one the maps come from
         "curves": cfg.curves.model_dump(mode="json", exclude={"methods", "orders", "batch_size", "amp"}),
         "seed": cfg.seed,
-        "model_hash": trained_model_hash(cfg),  # the model measured, and the one the maps come from
+        "measures": [m.name for m in measures],
     }
+    if maps is not None:
+        inputs["maps"] = maps  # the content digest of the method's stored maps
+    return inputs
+
+
+def part_path(parts: Path, method: str, order: str) -> Path:
+    return parts / f"{method}.{order}.json"
+
+
+def read_part(path: Path) -> dict | None:
+    """A finished curve (``{"inputs", "rows"}``), or None if missing or unreadable (then it is recomputed)."""
+    try:
+        part = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return part if isinstance(part, dict) and {"inputs", "rows"} <= set(part) else None
 
 
 def _rows(method: str, order: str, cfg: RunConfig, sums: CurveSums) -> list[dict]:
@@ -111,19 +132,63 @@ def run(cfg: RunConfig) -> StageResult:
                 f"curves.methods: {', '.join(missing)} not in {path} (it has {', '.join(store.methods)}); "
                 "add them to attribution.methods and rerun extract"
             )
-    out = cfg.run_dir / "curves"
-    guard_settings(out, _settings(cfg), "perturbation curves")
-    record_run(out, cfg, {"dataset": dataset.fingerprint(), "maps": str(path)}, device)
-    rows = subset(len(split), lc.max_images, cfg.seed)
-    probe = split.read(rows[: min(16, len(rows))]).float().div_(255)
-    model = prepare_model(model, device, probe=probe)
+        digests = {m: store.digest(m) for m in methods}
     fill = build_fill(lc.fill, mean=dataset.mean)
-
+    model_hash = trained_model_hash(cfg)
     curves = [(m, [o for o in lc.orders if o != "random"]) for m in methods]
     if "random" in lc.orders:
         curves.append((RANDOM, ["random"]))
-    parts = out / "parts"
-    todo = [(m, orders) for m, orders in curves if orders and not _finished(parts / f"{m}.csv", header)]
+    curves = [(m, orders) for m, orders in curves if orders]
+    inputs = {m: part_inputs(cfg, dataset.fingerprint(), model_hash, digests.get(m), measures) for m, _ in curves}
+
+    out = cfg.run_dir / "curves"
+    with output_folder(out):
+        parts = out / "parts"
+        for legacy in [out / "settings.json", *parts.glob("*.csv")]:  # written by earlier versions
+            legacy.unlink(missing_ok=True)
+        record_run(out, cfg, {"dataset": dataset.fingerprint(), "model": model_hash, "maps": digests}, device)
+        reuse = Reuse()
+        todo = []
+        for method, orders in curves:
+            missing = []
+            for order in orders:
+                part = read_part(part_path(parts, method, order))
+                if part is None or not reuse.fresh(method, part["inputs"], inputs[method]):
+                    missing.append(order)
+            if missing:
+                todo.append((method, missing))
+        rows = subset(len(split), lc.max_images, cfg.seed)
+        probe = split.read(rows[: min(16, len(rows))]).float().div_(255)
+        model = prepare_model(model, device, probe=probe)
+        _compute(cfg, dataset, split, model, fill, measures, rows, todo, inputs, parts)
+        results = [r for m, orders in curves for o in orders for r in read_part(part_path(parts, m, o))["rows"]]
+        write_csv(out / "results.csv", results, header)
+        table = summarise(out, results, measures)
+    total = sum(len(orders) for _, orders in curves)
+    s = {
+        "methods": len(methods),
+        "images": len(rows),
+        "ran": sum(len(orders) for _, orders in todo),
+        "curves": total,
+        "recomputed": reuse.recomputed,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "output": str(out),
+        "model": str(model_path),
+        "areas": table,
+    }
+    why = f"; {reuse.note(total)}" if reuse.recomputed else ""
+    line = (
+        f"perturbation curves of {s['methods']} methods on {s['images']} images ({s['ran']} of {total} curves "
+        f"computed{why}) in {s['seconds']:.0f} s; results, summary and plot -> {s['output']}"
+    )
+    return StageResult(s, line)
+
+
+def _compute(cfg: RunConfig, dataset, split, model, fill, measures, rows, todo, inputs, parts: Path) -> None:
+    """Compute the curves ``todo`` (method, orders) and write each as ``parts/<method>.<order>.json``."""
+    lc = cfg.curves
+    path = store_path(cfg, lc.split)
+    device = next(model.parameters()).device
     batches = [rows[a : a + lc.batch_size] for a in range(0, len(rows), lc.batch_size)]
     bar = tqdm(total=len(todo) * len(batches), desc="curves", unit="batch", disable=None)
     with open_maps(cfg, dataset, lc.split) as store:
@@ -162,33 +227,10 @@ def run(cfg: RunConfig) -> StageResult:
                     else:
                         sums[order] = s
                 bar.update()
-            write_csv(parts / f"{method}.csv", [r for o in orders for r in _rows(method, o, cfg, sums[o])], header)
+            for order in orders:
+                part = {"inputs": inputs[method], "rows": _rows(method, order, cfg, sums[order])}
+                write_json(part_path(parts, method, order), part)
     bar.close()
-    results = [r for m, orders in curves if orders for r in read_csv(parts / f"{m}.csv")]
-    write_csv(out / "results.csv", results, header)
-    table = summarise(out, results, measures)
-    s = {
-        "methods": len(methods),
-        "images": len(rows),
-        "ran": len(todo),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "output": str(out),
-        "model": str(model_path),
-        "areas": table,
-    }
-    line = (
-        f"perturbation curves of {s['methods']} methods on {s['images']} images ({s['ran']} computed) in "
-        f"{s['seconds']:.0f} s; results, summary and plot -> {s['output']}"
-    )
-    return StageResult(s, line)
-
-
-def _finished(part: Path, header: list[str]) -> bool:
-    """Whether a method's part file exists with every column of ``header`` (every measure's)."""
-    if not part.exists():
-        return False
-    with part.open(newline="") as f:
-        return set(header) <= set(next(csv.reader(f), []))
 
 
 # --------------------------------------------------------------------------------------------- summary

@@ -13,6 +13,7 @@ the order ``MapStore.methods`` lists the array sets in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,34 @@ def write_header(f: h5py.File, header: dict) -> None:
         if value is None:
             continue
         f.attrs[key] = json.dumps(value, default=json_default) if key in JSON_ATTRS else value
+
+
+class Digest:
+    """The content digest of an array set: sha256 (16 hex digits) over its stored float16 values and
+    float32 scales, chunk by chunk in row order. Written once when the set is consolidated; what a
+    result computed from the set records, so that maps recomputed with new content are noticed."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def update(self, q: np.ndarray, scale: np.ndarray) -> None:
+        self._hash.update(np.ascontiguousarray(q, dtype=np.float16).tobytes())
+        self._hash.update(np.ascontiguousarray(scale, dtype=np.float32).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:16]
+
+
+def set_digest(maps: h5py.Dataset, scales: h5py.Dataset) -> str:
+    """An array set's content digest: the one written at consolidation, or computed from the data
+    (files written before digests were recorded)."""
+    if "digest" in maps.attrs:
+        return attr(maps.attrs["digest"])
+    digest = Digest()
+    step = maps.chunks[0] if maps.chunks else max(1, len(maps))
+    for start in range(0, len(maps), step):
+        digest.update(maps[start : start + step], scales[start : start + step])
+    return digest.hexdigest()
 
 
 def write_set_attrs(ds: h5py.Dataset, identity: dict, rows_done: int) -> None:

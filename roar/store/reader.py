@@ -30,7 +30,7 @@ from roar.store.format import (
     staging_path,
     store_identity,
 )
-from roar.store.hdf5 import damaged, open_h5, read_header, read_sets
+from roar.store.hdf5 import damaged, open_h5, read_header, read_sets, set_digest
 from roar.store.staging import Staging
 
 
@@ -44,6 +44,12 @@ class _H5Maps:
     def read(self, start: int, stop: int) -> np.ndarray:
         try:
             return dequantize(self.maps[start:stop], self.scales[start:stop])
+        except Exception as exc:
+            raise damaged(self.path, exc, self.rerun) from None
+
+    def digest(self) -> str:
+        try:
+            return set_digest(self.maps, self.scales)
         except Exception as exc:
             raise damaged(self.path, exc, self.rerun) from None
 
@@ -215,6 +221,14 @@ class MapStore:
         """The identity the writer was given for array set ``method``."""
         self._source(method)
         return dict(self._methods[method]["identity"])
+
+    def digest(self, method: str) -> str:
+        """The content digest of a finished array set (``roar.store.hdf5.Digest``): it changes whenever the
+        stored values do, so a result records it as the identity of the maps it was computed from."""
+        source = self._source(method)
+        if not isinstance(source, _H5Maps):
+            raise RoarError(_unfinished(self.path, self.n, {method: self._methods[method]}, self.rerun))
+        return source.digest()
 
     def method_info(self, method: str) -> dict:
         """One array set's identity (``{"method", "params"}`` for attribution maps) with ``rows_done``,

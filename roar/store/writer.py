@@ -43,7 +43,7 @@ from roar.store.format import (
     rerun_hint,
     staging_path,
 )
-from roar.store.hdf5 import damaged, open_h5, read_header, read_sets, write_header, write_set_attrs
+from roar.store.hdf5 import Digest, damaged, open_h5, read_header, read_sets, write_header, write_set_attrs
 from roar.store.identity import check_identity, check_names, check_set, check_store
 from roar.store.staging import Staging, remove_temporaries
 
@@ -369,6 +369,7 @@ class StoreWriter:
             name, shape=(self.n, *self.shape), dtype=np.float16, chunks=(self._chunk_rows, *self.shape), **compression
         )
         sc = scales.create_dataset(name, shape=(self.n,), dtype=np.float32, compression=self.compression)
+        digest = Digest()
         for chunk in range(0, self.n, self._chunk_rows):
             end = self._chunk_end(chunk)
             data = self.staging.load_map(name, chunk, end - chunk, self.shape)
@@ -377,6 +378,8 @@ class StoreWriter:
                 raise self._damaged_chunk(f"maps/{name}/{chunk:012d}.npz")
             ds[chunk:end] = data["q"]
             sc[chunk:end] = data["scale"]
+            digest.update(data["q"], data["scale"])
+        ds.attrs["digest"] = digest.hexdigest()
         write_set_attrs(ds, self.methods[name], self.n)
 
     def _damaged_chunk(self, relative: str) -> RoarError:
