@@ -12,7 +12,8 @@ from roar.config import load_config
 from roar.core.errors import RoarError
 from roar.stages.extract import run as extract
 from roar.stages.retrain.summary import aggregate
-from roar.stages.retrain.sweep import append_result, parse_shard, plan, read_results
+from roar.stages.retrain.results import append_result, read_results
+from roar.stages.retrain.sweep import parse_shard, plan
 from roar.stages.retrain.sweep import run as evaluate
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -52,12 +53,18 @@ def test_results_survive_a_torn_line(tmp_path):
         "epochs": 1,
         "seconds": 2,
     }
-    append_result(path, row)
+    inputs = {"maps": {"train": "ab", "test": "cd"}}
+    assert append_result(path, row, inputs)
     with open(path, "a") as f:
         f.write("roar,m,30,0,0.4")  # killed mid-append
-    append_result(path, {**row, "threshold": "50"})
+    assert append_result(path, {**row, "threshold": "50"}, inputs)
+    assert not append_result(path, {**row, "threshold": "50"}, inputs), "computed meanwhile by another shard"
+    assert append_result(path, {**row, "threshold": "50"}, {"maps": {"train": "ef", "test": "cd"}})
     rows = read_results(path)
-    assert [r["threshold"] for r in rows] == ["10", "50"]
+    assert [r["threshold"] for r in rows] == ["10", "50", "50"]
+    assert rows[0]["inputs"] == rows[1]["inputs"] != rows[2]["inputs"]
+    recorded = json.loads((tmp_path / "inputs.json").read_text())
+    assert recorded[rows[2]["inputs"]] == {"maps": {"train": "ef", "test": "cd"}}
 
 
 def test_aggregate_gives_mean_and_sample_std():
@@ -102,8 +109,10 @@ def test_sweep_end_to_end_resumes_and_summarises(trained_run, tmp_path):
     provenance = json.loads((out / "retrain" / "provenance.json").read_text())
     assert provenance["retraining_recipe"]["name"] == "fast"
     assert provenance["retraining_recipe"]["epochs"] == 1 and provenance["retraining_recipe"]["whiten_init"]
-    with pytest.raises(RoarError, match="differs in: recipe"):
-        evaluate(other, ["roar"])
+    again = evaluate(other, ["roar"])
+    assert again["ran"] == again["recomputed"] == 3
+    assert "(3 of 3 recomputed: settings changed: recipe.epochs)" in again.summary()
+    assert {r["epochs"] for r in read_results(out / "retrain" / "results.csv")} == {"2"}
 
 
 def test_leakage_runs_train_on_the_mask_alone(trained_run, tmp_path):
@@ -159,7 +168,7 @@ def test_training_augments_the_ablated_images_and_evaluation_does_not(trained_ru
         return augment(images, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "random_crop_flip", recording)
-    retrain(cfg, dataset, Run("roar", "ground_truth", 50.0, 0), tmp_path / "run", torch.device("cpu"))
+    retrain(cfg, dataset, Run("roar", "ground_truth", 50.0, 0), tmp_path / "run", torch.device("cpu"), inputs={})
     batch_size = retraining_recipe(cfg).batch_size
     assert len(seen) == len(dataset.train.images) // batch_size, "only training batches are augmented"
     for images in seen:

@@ -9,6 +9,7 @@ computed once per batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from pathlib import Path
@@ -22,6 +23,7 @@ from roar.attribution.reduce import reduce_map
 from roar.config import MethodEntry, RunConfig
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
+from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
 from roar.stages.result import StageResult
@@ -99,43 +101,47 @@ def _batches(writer: StoreWriter, names: list[str], batch_size: int, n: int):
             yield start, stop, todo
 
 
-def extract_split(
-    cfg: RunConfig,
-    dataset: Dataset,
-    split_name: str,
-    model,
-    methods: dict[str, Attribution],
-    entries,
-    device,
-    model_hash: str,
-    references,
-) -> dict:
+def open_writer(cfg: RunConfig, dataset: Dataset, split_name: str, methods, entries, model_hash: str) -> StoreWriter:
+    """The store writer of a split: checks (and locks) an existing store against this run's inputs."""
     split = dataset.split(split_name)
     a = cfg.attribution
-    channels = a.reduction == "none"
-    path = store_path(cfg, split_name)
     # max_batch only sets the memory budget, not the maps: it is not part of a method's identity.
     spec = {
         e.name: {"method": e.method, "params": methods[e.name].params.model_dump(mode="json", exclude={"max_batch"})}
         for e in entries
     }
-    writer = StoreWriter(
-        path,
+    return StoreWriter(
+        store_path(cfg, split_name),
         split=split_name,
         n=len(split),
         geometry=split.geometry,
         dataset=dataset.name,
         dataset_fingerprint=split.fingerprint(),
         model_hash=model_hash,
-        channels=channels,
+        channels=a.reduction == "none",
         methods=spec,
         identity={"reduction": a.reduction, "target": a.target},
         rerun=RERUN,
         provenance={"seed": cfg.seed, "git_commit": git_commit(), "config": cfg.model_dump(mode="json")},
         compression=None if a.compression == "none" else a.compression,
     )
+
+
+def extract_split(
+    cfg: RunConfig,
+    dataset: Dataset,
+    split_name: str,
+    model,
+    methods: dict[str, Attribution],
+    writer: StoreWriter,
+    device,
+    references,
+) -> dict:
+    split = dataset.split(split_name)
+    a = cfg.attribution
+    path = store_path(cfg, split_name)
     with writer:
-        names = list(spec)
+        names = [name for name in writer.methods if name in methods]
         work = list(_batches(writer, names, a.batch_size, len(split)))
         total = sum(stop - start for start, stop, _ in work)
         bar = tqdm(total=total, desc=f"extract {split_name}", unit="img", disable=None, leave=False)
@@ -197,20 +203,26 @@ def run(cfg: RunConfig) -> StageResult:
     references = reference_images(dataset, cfg.attribution.references, cfg.seed, device) if needs_refs else None
     model_hash = file_hash(model_path)
     out = cfg.run_dir / "attributions"
-    record_run(out, cfg, {"dataset": dataset.fingerprint(), "model": model_hash}, device)
-    results = [
-        extract_split(
-            cfg, dataset, split, model, methods, cfg.attribution.entries(split), device, model_hash, references
-        )
-        for split in cfg.attribution.split_names()
-    ]
-    summary = {
-        "splits": results,
-        "methods": [e.name for e in entries],
-        "seconds": round(time.perf_counter() - t0, 2),
-        "output": str(out),
-    }
-    write_json(out / "summary.json", summary)
+    splits = cfg.attribution.split_names()
+    with output_folder(out), contextlib.ExitStack() as stores:
+        # Every split's store is checked against this run before anything is written.
+        writers = {
+            split: stores.enter_context(
+                open_writer(cfg, dataset, split, methods, cfg.attribution.entries(split), model_hash)
+            )
+            for split in splits
+        }
+        record_run(out, cfg, {"dataset": dataset.fingerprint(), "model": model_hash}, device)
+        results = [
+            extract_split(cfg, dataset, split, model, methods, writers[split], device, references) for split in splits
+        ]
+        summary = {
+            "splits": results,
+            "methods": [e.name for e in entries],
+            "seconds": round(time.perf_counter() - t0, 2),
+            "output": str(out),
+        }
+        write_json(out / "summary.json", summary)
     splits = ", ".join(f"{r['split']} ({r['images']})" for r in results)
     line = f"extracted {len(summary['methods'])} methods for {splits} in {summary['seconds']:.0f} s -> {out}"
     return StageResult(summary, line)
