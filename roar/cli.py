@@ -66,7 +66,11 @@ def cmd_vog(args) -> str:
 
 
 def cmd_vog_toy(args) -> str:
+    from roar.core.schema import SEED_LIMIT, SEED_RANGE
     from roar.stages import vog_toy
+
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise RoarError(f"--seed {args.seed}: a seed must be {SEED_RANGE}")
 
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
     return vog_toy.run_toy(
@@ -183,8 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard_value_joined(argv: list[str]) -> list[str]:
+    """``argv`` with ``--shard -1/2`` spelt ``--shard=-1/2``: argparse takes a value that starts with a dash
+    and a digit for an option of its own, so that roar's check, which says what a shard must be, never
+    sees it. Other values are left to argparse (a missing one is its error), and so is all after ``--``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token, value = argv[i], argv[i + 1] if i + 1 < len(argv) else ""
+        if token == "--":
+            return out + argv[i:]
+        if token == "--shard" and value.startswith("-") and value[1:2].isdigit():
+            out.append(f"--shard={value}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_shard_value_joined(argv))
     try:
         summary = args.func(args)
     except RoarError as exc:

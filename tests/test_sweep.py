@@ -11,8 +11,8 @@ from helpers import run_copy
 from roar.config import load_config
 from roar.core.errors import RoarError
 from roar.stages.extract import run as extract
-from roar.stages.retrain.summary import aggregate
 from roar.stages.retrain.results import append_result, read_results
+from roar.stages.retrain.summary import aggregate
 from roar.stages.retrain.sweep import parse_shard, plan
 from roar.stages.retrain.sweep import run as evaluate
 

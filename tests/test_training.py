@@ -171,7 +171,7 @@ def test_roar_retraining_starts_from_scratch_even_with_pretrained_weights(tiny_o
 
     monkeypatch.setattr(sweep, "build_model", record)
     with pytest.raises(KeyboardInterrupt):
-        sweep.retrain(cfg, build_dataset(cfg.dataset), sweep.Run("baseline", "unmodified", 0.0, 0), None, "cpu")
+        sweep.retrain(cfg, build_dataset(cfg.dataset), sweep.Run("baseline", "unmodified", 0.0, 0), None, "cpu", {})
     assert built[0].name == "resnet50" and built[0].weights is None
     with pytest.raises(RoarError, match="retrain.training.epochs: set the retraining epochs"):
         zero = cfg.model_copy(
@@ -180,4 +180,4 @@ def test_roar_retraining_starts_from_scratch_even_with_pretrained_weights(tiny_o
                 "retrain": cfg.retrain.model_copy(update={"training": "base"}),
             }
         )
-        sweep.retrain(zero, build_dataset(cfg.dataset), sweep.Run("baseline", "unmodified", 0.0, 0), None, "cpu")
+        sweep.retrain(zero, build_dataset(cfg.dataset), sweep.Run("baseline", "unmodified", 0.0, 0), None, "cpu", {})

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -242,9 +247,13 @@ def test_a_store_of_attribution_maps_is_not_read_as_gradients(tmp_path):
         open_gradients(tmp_path / "maps.h5")
 
 
-def test_the_peer_cache_refuses_scores_of_other_snapshots_and_resumes_by_chunk(tmp_path):
+def test_the_peer_cache_resumes_by_chunk_and_recomputes_scores_of_other_snapshots(tmp_path):
+    folder = tmp_path / "peers"
     identity = {"snapshots": "abc", "dataset_fingerprint": "f", "n": 10}
-    cache = PeerCache(tmp_path / "peers", identity, n=10, chunk_rows=4)
+    cache = PeerCache(folder, identity, n=10, chunk_rows=4)
+    assert not folder.exists()  # constructing a cache writes nothing
+    assert cache.refresh() is None
+    assert json.loads((folder / "identity.json").read_text()) == identity
     keys = ("p_true",)
     assert cache.pending("epoch_0001", keys) == {0, 4, 8}
     cache.save("epoch_0001", 4, {"p_true": np.arange(4, dtype=np.float32)})
@@ -254,9 +263,45 @@ def test_the_peer_cache_refuses_scores_of_other_snapshots_and_resumes_by_chunk(t
     cache.save("epoch_0001", 8, {"p_true": np.ones(2, np.float32)})
     assert cache.finish("epoch_0001", keys)
     assert cache.load("epoch_0001", keys)["p_true"].tolist() == [0] * 4 + [0, 1, 2, 3] + [1, 1]
-    assert PeerCache(tmp_path / "peers", identity, n=10, chunk_rows=4).pending("epoch_0001", keys) == set()
-    with pytest.raises(RoarError, match=r"holds peer scores made with other settings \(differs in: snapshots\)"):
-        PeerCache(tmp_path / "peers", {**identity, "snapshots": "xyz"}, n=10, chunk_rows=4)
+    again = PeerCache(folder, identity, n=10, chunk_rows=4)
+    assert again.refresh() is None and again.pending("epoch_0001", keys) == set()
+    cache.save("epoch_0002", 0, {"p_true": np.zeros(4, np.float32)})  # a snapshot begun
+
+    # Other snapshots: the arrays are discarded (never refused, never mixed in) and the new identity recorded.
+    other = PeerCache(folder, {**identity, "snapshots": "xyz"}, n=10, chunk_rows=4)
+    assert other.change() == "snapshots changed" and (folder / "epoch_0001.npz").exists()  # change() only reads
+    assert other.refresh() == "snapshots changed"
+    assert sorted(p.name for p in folder.iterdir()) == ["identity.json"]
+    assert json.loads((folder / "identity.json").read_text())["snapshots"] == "xyz"
+    assert other.pending("epoch_0001", keys) == {0, 4, 8} and other.refresh() is None
+    other.save("epoch_0001", 0, {"p_true": np.zeros(4, np.float32)})
+    moved = PeerCache(folder, {**identity, "snapshots": "xyz", "dataset_fingerprint": "g"}, n=10, chunk_rows=4)
+    assert moved.refresh() == "data changed" and moved.pending("epoch_0001", keys) == {0, 4, 8}
+
+    # Arrays without a record of their inputs are recomputed; a record of the earlier layout is honoured.
+    bare = tmp_path / "bare"
+    PeerCache(bare, identity, n=10, chunk_rows=4).save("epoch_0001", 0, {"p_true": np.zeros(4, np.float32)})
+    assert PeerCache(bare, identity, n=10, chunk_rows=4).refresh() == "its inputs were not recorded"
+    assert not (bare / "epoch_0001").exists()
+    legacy = tmp_path / "legacy"
+    PeerCache(legacy, identity, n=10, chunk_rows=4).save("epoch_0001", 0, {"p_true": np.zeros(4, np.float32)})
+    (legacy / "settings.json").write_text(json.dumps(identity))
+    kept = PeerCache(legacy, identity, n=10, chunk_rows=4)
+    assert kept.refresh() is None and kept.pending("epoch_0001", keys) == {4, 8}
+    assert sorted(p.name for p in legacy.iterdir()) == ["epoch_0001", "identity.json"]
+
+
+def test_a_snapshot_whose_chunks_are_all_saved_is_gathered_and_a_leftover_chunk_folder_removed(tmp_path):
+    cache = PeerCache(tmp_path / "peers", {"snapshots": "abc"}, n=6, chunk_rows=4)
+    cache.refresh()
+    keys = ("p_true",)
+    cache.save("epoch_0001", 0, {"p_true": np.arange(6, dtype=np.float32)})  # both chunks, not gathered
+    assert cache.pending("epoch_0001", keys) == set() and cache.load("epoch_0001", keys) is None
+    assert cache.finish("epoch_0001", keys)
+    assert cache.load("epoch_0001", keys)["p_true"].tolist() == list(range(6))
+    assert not (tmp_path / "peers" / "epoch_0001").exists()
+    cache.save("epoch_0001", 0, {"p_true": np.arange(6, dtype=np.float32)})  # a kill after gathering
+    assert cache.finish("epoch_0001", keys) and not (tmp_path / "peers" / "epoch_0001").exists()
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -461,3 +506,36 @@ def test_rerun_computes_nothing_and_a_killed_extraction_resumes(vog_run, repo, t
     with open_gradients(gradient_path(other, "test")) as a, open_gradients(store) as b:
         assert np.allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
         assert np.array_equal(a.predictions, b.predictions)
+
+
+def test_a_run_killed_during_the_peer_pass_resumes_to_the_scores_of_an_uninterrupted_run(
+    vog_run, repo, tmp_path, capsys
+):
+    """``roar vog`` SIGKILLed while peer chunks of a snapshot are on disk (the snapshot not yet gathered):
+    the rerun resumes and writes the same scores.csv as the uninterrupted run of ``vog_run``."""
+    cfg, sets, _ = vog_run
+    run_dir = tmp_path / "killed"
+    shutil.copytree(cfg.run_dir / "train", run_dir / "train")
+    sets = [s for s in sets if not s.startswith("output_dir=")] + [f"output_dir={run_dir}"]
+    argv = ["vog", "--config", str(repo / "configs" / "smoke.yaml"), *[a for s in sets for a in ("--set", s)]]
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "roar", *argv], cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    peers = run_dir / "vog" / "peers"
+    seen, deadline = False, time.monotonic() + 900
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(peers.glob("*/*/*.npz")):  # chunks of a snapshot whose peer scores are not gathered yet
+                seen = True
+                break
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait(timeout=120)
+        log.close()
+    assert seen, f"the run ended before any peer chunk was seen: {(tmp_path / 'killed.log').read_text()}"
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "vog" / "scores.csv").exists()
+
+    assert main(argv) == 0
+    assert "recomputed" not in capsys.readouterr().out  # what the killed run stored is resumed, not discarded
+    assert (run_dir / "vog" / "scores.csv").read_bytes() == (cfg.run_dir / "vog" / "scores.csv").read_bytes()
+    assert not list((run_dir / "vog").rglob(".*.tmp*"))  # what the killed writer left half-written is gone

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 
 from roar.cli import build_parser, main
 from roar.core.errors import RoarError
+from roar.core.locks import output_folder
 from roar.stages import vog_toy as toy
 from roar.vog.scores import vog_scores
 
@@ -151,6 +153,23 @@ def test_cli_rejects_bad_values(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert main(["vog-toy", "--stage", "middle", "--epochs", "2", "--out", str(tmp_path)]) == 2
     assert "at least 3 epochs" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_out_that_is_a_file_or_has_another_writer(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    for out in (target, target / "inside"):
+        assert main(["vog-toy", "--epochs", str(EPOCHS), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: cannot write in {out}: {target} is a file, not a folder"
+    assert target.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+    busy = tmp_path / "busy"
+    with output_folder(busy):
+        assert main(["vog-toy", "--epochs", str(EPOCHS), "--out", str(busy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: another process (pid {os.getpid()} on ") and f"is writing {busy}" in err
+    assert list(busy.iterdir()) == []
 
 
 def test_cli_choices_match_the_module():

@@ -22,7 +22,7 @@ from roar.config.registered import registered
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
 from roar.core.errors import RoarError
-from roar.core.schema import Section, dump_yaml, format_validation_error
+from roar.core.schema import DuplicateKeyError, Section, Seed, dump_yaml, format_validation_error, load_yaml
 from roar.data import DATASETS, DatasetConfig
 from roar.models import MODELS, ModelConfig
 from roar.training.config import TrainingConfig
@@ -50,7 +50,7 @@ def rename_sections(data: dict) -> dict:
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: Path | None = Field(None, description="where the run writes; default runs/<name>")
-    seed: int = 0
+    seed: Seed = Field(0, description="seed of training, attribution noise, tie-breaks and subsets")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     dataset: DatasetSection = Field(default_factory=lambda: DATASETS.config_class("shapes")())
     model: ModelSection = Field(default_factory=lambda: MODELS.config_class("resnet8")())
@@ -84,11 +84,15 @@ def apply_override(data: dict, assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise RoarError(f"--set '{assignment}': expected dotted.key=value")
+    parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
+    except DuplicateKeyError as exc:
+        raise RoarError(
+            f"--set '{assignment}': duplicate key '{'.'.join([*parts, exc.key])}': give each key once"
+        ) from None
     except yaml.YAMLError:
         value = text
-    parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -101,11 +105,30 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds (UTF-8 text; a key given twice in a mapping is an error)."""
     file = Path(path)
     if not file.is_file():
         raise RoarError(f"config file not found: {file}")
     try:
-        data = yaml.safe_load(file.read_text())
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise RoarError(f"cannot read the config file {file}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RoarError(
+            f"{file}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}): save it with UTF-8 encoding"
+        ) from None
+    try:
+        data = load_yaml(text)
+    except yaml.reader.ReaderError as exc:  # a control character: its position counts characters
+        line = text[: exc.position].count("\n") + 1
+        raise RoarError(
+            f"{file}: not valid YAML at line {line}: character #x{exc.character:04x} is not allowed"
+        ) from None
+    except DuplicateKeyError as exc:
+        raise RoarError(f"{file}: {exc.problem}: give each key once (YAML would silently keep only the last)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -2,17 +2,38 @@
 
 pydantic does the type and range checking; this base adds the one thing researchers hit most,
 a typo in a key (``epocs``), reported with the closest valid key instead of being ignored.
+YAML is read by ``load_yaml`` (safe loading that refuses a key given twice) and written by
+``dump_yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from roar.core.registry import closest
+
+SEED_LIMIT = 2**32
+"""Seeds are integers in [0, 2**32): what every consumer accepts. scikit-learn's ``random_state`` (the
+``digits`` split, the VoG toy's blobs) takes nothing larger, and numpy and torch take any of them;
+torch's generators are also seeded with ``seed * 100_003 + epoch``, which stays far below 2**63."""
+
+
+SEED_RANGE = f"an integer from 0 to {SEED_LIMIT - 1} (2**32 - 1)"
+
+
+def check_seed(value: int) -> int:
+    """``value`` if it is a valid seed, else a validation error that states the range."""
+    if not 0 <= value < SEED_LIMIT:
+        raise PydanticCustomError("seed_range", f"a seed must be {SEED_RANGE}, got {{value}}", {"value": value})
+    return value
+
+
+Seed = Annotated[int, AfterValidator(check_seed)]
+"""The type of every seed in the config: an integer in [0, 2**32)."""
 
 
 class Section(BaseModel):
@@ -60,6 +81,72 @@ def format_validation_error(error: ValidationError, raw: Any) -> str:
             message = "required key is missing"
         lines.append(f"{key}: {message}")
     return "; ".join(lines)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping gives one key twice: ``key`` is its dotted path, ``lines`` the two (1-based) lines."""
+
+    def __init__(self, key: str, lines: tuple[int, int], mark):
+        self.key, self.lines = key, lines
+        where = f"lines {lines[0]} and {lines[1]}" if lines[0] != lines[1] else f"twice on line {lines[0]}"
+        super().__init__(None, None, f"duplicate key '{key}' ({where})", mark)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth.
+
+    Plain safe loading keeps the last value and drops the first without a word, so a key set twice
+    in a long config silently means one of them. A key that overrides one merged in by ``<<`` is
+    not a duplicate.
+    """
+
+    def construct_document(self, node):
+        self._document = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if first is not key_node:
+                    dotted = "".join([*(_path_to(self._document, node) or []), f".{key}"]).removeprefix(".")
+                    lines = (first.start_mark.line + 1, key_node.start_mark.line + 1)
+                    raise DuplicateKeyError(dotted, lines, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _path_to(root: yaml.Node, target: yaml.Node, seen: set[int] | None = None) -> list[str] | None:
+    """The steps (``.key``, ``[i]``) from the document ``root`` down to the node ``target``."""
+    if root is target:
+        return []
+    seen = set() if seen is None else seen
+    if id(root) in seen:  # aliases can make the node graph cyclic
+        return None
+    seen.add(id(root))
+    if isinstance(root, yaml.MappingNode):
+        children = [(f".{key.value if isinstance(key, yaml.ScalarNode) else '?'}", child) for key, child in root.value]
+    elif isinstance(root, yaml.SequenceNode):
+        children = [(f"[{i}]", child) for i, child in enumerate(root.value)]
+    else:
+        children = []
+    for step, child in children:
+        below = _path_to(child, target, seen)
+        if below is not None:
+            return [step, *below]
+    return None
+
+
+def load_yaml(stream: str | bytes):
+    """YAML text (bytes are decoded as YAML says: UTF-8, or UTF-16/32 with a byte-order mark) as Python
+    data, by safe loading; a key given twice in a mapping is a ``DuplicateKeyError``."""
+    return yaml.load(stream, Loader=UniqueKeyLoader)  # a SafeLoader: no Python objects are built
 
 
 def dump_yaml(section: BaseModel) -> str:

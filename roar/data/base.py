@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from roar.core.errors import RoarError
+from roar.core.locks import check_writable_folder
 from roar.core.schema import Section
 
 # Codes of the per-example difficulty tag; datasets without tags report every example "clean".
@@ -26,6 +28,26 @@ class DatasetConfig(Section):
     """Keys every dataset accepts."""
 
     root: Path = Path("data")
+
+
+def not_a_file(path: Path, key: str, hint: str) -> Path:
+    """``path`` unless it is a file where a folder belongs: then a RoarError naming ``key`` and the path."""
+    if path.exists() and not path.is_dir():
+        raise RoarError(f"{key} {path} is a file, not a folder: {hint}")
+    return path
+
+
+def writable_folder(folder: Path, key: str, hint: str) -> Path:
+    """``folder``, created if missing, once it is known that a dataset can write in it; else a RoarError
+    naming ``key`` and the path (a file in the way, or a folder without write permission)."""
+    try:
+        check_writable_folder(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+    except RoarError as exc:
+        raise RoarError(f"{key}: {exc}: {hint}") from None
+    except OSError as exc:
+        raise RoarError(f"{key}: cannot create {folder}: {exc.strerror or exc}: {hint}") from None
+    return folder
 
 
 class ImageSplit(torch.utils.data.Dataset):

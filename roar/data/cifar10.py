@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import Field
 
 from roar.core.errors import RoarError
-from roar.data.base import Dataset, DatasetConfig, TensorSplit
+from roar.core.schema import Seed
+from roar.data.base import Dataset, DatasetConfig, TensorSplit, not_a_file, writable_folder
 from roar.data.registry import DATASETS
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -30,7 +31,7 @@ class Cifar10Config(DatasetConfig):
     download: bool = Field(False, description="fetch the archive (about 170 MB) if it is not under root/cifar10")
     train_size: int | None = Field(None, ge=1, description="seeded random subset of the 50,000 training images")
     test_size: int | None = Field(None, ge=1, description="seeded random subset of the 10,000 test images")
-    seed: int = Field(0, ge=0, description="seed of the subsets")
+    seed: Seed = Field(0, description="seed of the subsets")
 
 
 def _files():
@@ -46,8 +47,8 @@ def _one_line(error: BaseException) -> str:
 def _fetch(root: Path) -> None:
     from torchvision.datasets import CIFAR10
 
+    writable_folder(root, "dataset.root", "set dataset.root to a writable folder to download CIFAR-10 into")
     try:
-        root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
     except (OSError, RuntimeError, http.client.HTTPException, tarfile.TarError) as e:  # URLError is an OSError
         raise RoarError(
@@ -69,6 +70,7 @@ def _subset(split: TensorSplit, n: int | None, seed: int, what: str) -> TensorSp
 def build_cifar10(cfg: Cifar10Config) -> Dataset:
     from torchvision.datasets import CIFAR10
 
+    not_a_file(Path(cfg.root), "dataset.root", "set it to the folder that holds (or is to hold) cifar10/")
     root = Path(cfg.root) / "cifar10"
     folder = root / CIFAR10.base_folder
     if cfg.download:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from roar.core.schema import Seed
 from roar.data.base import Dataset, DatasetConfig, TensorSplit, channel_stats
 from roar.data.registry import DATASETS
 
@@ -27,7 +28,7 @@ class DigitsConfig(DatasetConfig):
     image_size: int = Field(32, ge=8, le=256, description="side of the upsampled square image")
     channels: Literal[1, 3] = Field(3, description="1: grey; 3: grey replicated to RGB")
     test_fraction: float = Field(0.2, ge=0.05, le=0.5, description="share of the 1,797 images held out, per class")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the stratified split")
+    seed: Seed = Field(0, description="seed of the stratified split")
 
 
 def upsample(images: np.ndarray, size: int) -> torch.Tensor:

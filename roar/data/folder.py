@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from roar.core.errors import RoarError
-from roar.data.base import Dataset, DatasetConfig, ImageSplit
+from roar.data.base import Dataset, DatasetConfig, ImageSplit, not_a_file
 from roar.data.registry import DATASETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,9 +62,13 @@ def load_image(path: str | Path, resize: int, crop: int) -> torch.Tensor:
 
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")  # grey, palette, RGBA and CMYK all become RGB
-    except OSError as e:
-        raise RoarError(f"cannot read image {path}: {e}") from e
+            rgb = image.convert("RGB")  # decodes every pixel: grey, palette, RGBA and CMYK become RGB
+    except Image.UnidentifiedImageError as e:
+        reason = "PIL cannot identify it as an image (empty, damaged or of an unknown format)"
+        raise RoarError(f"cannot read image {path}: {reason}: replace or remove the file") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt data
+        reason = getattr(e, "strerror", None) or e  # an errno's text alone: the path is named already
+        raise RoarError(f"cannot read image {path}: {reason}: replace or remove the file") from e
     x = F.pil_to_tensor(rgb)
     x = F.resize(x, resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
     return F.center_crop(x, [crop, crop])
@@ -107,7 +111,8 @@ class FolderSplit(ImageSplit):
         return self._fingerprint
 
 
-def _classes(directory: Path, layout: str) -> list[str]:
+def _classes(directory: Path, layout: str, key: str) -> list[str]:
+    not_a_file(directory, key, f"expected the layout {layout}")
     if not directory.is_dir():
         raise RoarError(f"image folder split not found: {directory}; expected the layout {layout}")
     classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
@@ -131,10 +136,11 @@ def build_folder(cfg: FolderConfig) -> Dataset:
         )
     root = Path(cfg.root)
     layout = f"{root}/{cfg.train_dir}/<class>/*.jpg and {root}/{cfg.test_dir}/<class>/*.jpg"
+    not_a_file(root, "dataset.root", f"set it to the image folder laid out as {layout}")
     if not root.is_dir():
         raise RoarError(f"image folder {root} not found: expected {layout} (set dataset.root)")
-    train_classes = _classes(root / cfg.train_dir, layout)
-    test_classes = _classes(root / cfg.test_dir, layout)
+    train_classes = _classes(root / cfg.train_dir, layout, "dataset.train_dir")
+    test_classes = _classes(root / cfg.test_dir, layout, "dataset.test_dir")
     if train_classes != test_classes:
         raise RoarError(
             f"{root / cfg.train_dir} and {root / cfg.test_dir} have different class folders: "

@@ -27,7 +27,9 @@ from pydantic import Field
 from tqdm import tqdm
 
 from roar.core.atomic import replace_atomic
-from roar.data.base import TAGS, Dataset, DatasetConfig, TensorSplit, channel_stats
+from roar.core.errors import RoarError
+from roar.core.schema import Seed
+from roar.data.base import TAGS, Dataset, DatasetConfig, TensorSplit, channel_stats, writable_folder
 from roar.data.registry import DATASETS
 
 CLASS_NAMES = ["disk", "ring", "square", "frame", "triangle", "diamond", "plus", "cross", "star", "crescent"]
@@ -40,7 +42,7 @@ class ShapesConfig(DatasetConfig):
     train_size: int = Field(10000, ge=10)
     test_size: int = Field(2000, ge=10)
     image_size: int = Field(32, ge=16, le=256)
-    seed: int = 0
+    seed: Seed = Field(0, description="seed of the generated images (train and test get streams of their own)")
     hard_fraction: float = Field(
         0.12, ge=0.0, le=1.0, description="share of hard examples, split evenly over the hard tags"
     )
@@ -239,6 +241,9 @@ def _cache_path(cfg: ShapesConfig, split: str, n: int, seed: int) -> Path:
     return Path(cfg.root) / "shapes" / f"{split}-{n}-{digest}.npz"
 
 
+CACHE_HINT = "set dataset.root to a writable folder, or dataset.cache=false to generate the images anew every run"
+
+
 def _split(cfg: ShapesConfig, split: str) -> TensorSplit:
     n = cfg.train_size if split == "train" else cfg.test_size
     seed = cfg.seed * 2 + (0 if split == "train" else 1)  # train and test never share a stream
@@ -251,10 +256,17 @@ def _split(cfg: ShapesConfig, split: str) -> TensorSplit:
         except (OSError, ValueError, KeyError):
             arrays = None  # a damaged cache is regenerated, never trusted
     if arrays is None:
+        if cfg.cache:  # before the images are generated, which takes minutes at full size
+            writable_folder(path.parent, "dataset.root", CACHE_HINT)
         arrays = generate(n, seed, cfg.image_size, cfg.hard_fraction, cfg.distractors, desc=f"shapes {split}")
         if cfg.cache:
             named = dict(zip(("images", "labels", "masks", "tags", "others"), arrays))
-            replace_atomic(path, lambda f: np.savez(f, **named))
+            try:
+                replace_atomic(path, lambda f: np.savez(f, **named))
+            except OSError as exc:
+                raise RoarError(
+                    f"dataset.root: cannot write the shapes cache {path}: {exc.strerror or exc}: {CACHE_HINT}"
+                ) from None
     images, labels, masks, tags, others = arrays
     return TensorSplit(images, labels, masks=masks, tags=tags, other_labels=others)
 

@@ -33,6 +33,7 @@ from torch import nn
 from roar.attribution.engine import input_gradients as engine_input_gradients
 from roar.core.device import one_cpu_thread
 from roar.core.errors import RoarError
+from roar.core.locks import output_folder
 from roar.core.plots import pyplot, save_figure
 from roar.core.provenance import run_info, write_json
 from roar.core.tables import write_csv
@@ -344,7 +345,9 @@ def run_toy(
     """The toy experiment end to end; writes the figures, ``scores.csv`` and ``summary.json`` into
     ``out`` and returns the summary. ``split`` is the split whose points are scored (the model is
     always trained on the train split); ``stage`` picks the snapshots; ``vog_cal`` the variant
-    that the correlation and figures use (``scores.csv`` holds all three)."""
+    that the correlation and figures use (``scores.csv`` holds all three). ``out`` is locked while
+    it is written (``roar.core.locks.output_folder``): a second writer, or a file in its place, is
+    a RoarError before any work."""
     t0 = time.perf_counter()
     for name, value, allowed in (
         ("split", split, SPLITS),
@@ -356,8 +359,14 @@ def run_toy(
     if epochs < 1:
         raise RoarError(f"epochs must be at least 1, not {epochs}")
     stage_snapshots(epochs, stage)  # fail before training, not after
-    out = Path(out)
+    with output_folder(out) as folder:  # a file in the way, or another writer, is refused here
+        return _run_toy(split, stage, vog_cal, seed, epochs, folder, lr, resolution, t0)
 
+
+def _run_toy(
+    split: str, stage: str, vog_cal: str, seed: int, epochs: int, out: Path, lr: float, resolution: int, t0: float
+) -> StageResult:
+    """``run_toy`` once its arguments are checked and ``out`` is locked."""
     data = make_toy_data(seed)
     model, gradients = train_toy(data, split, epochs, seed, lr)
     idx = data.split(split)

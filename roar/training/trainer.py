@@ -24,7 +24,7 @@ from roar.core.errors import RoarError
 from roar.models import Classifier, build_model
 from roar.training.augment import flip_choices, random_crop_flip
 from roar.training.averaging import Averages
-from roar.training.checkpoint import load_checkpoint, save_atomic
+from roar.training.checkpoint import check_resumable, load_checkpoint, save_atomic
 from roar.training.config import TrainingConfig
 from roar.training.whitening import whiten_first_conv
 
@@ -228,16 +228,7 @@ def fit(
     model.to(device=device, memory_format=memory_format(device, cfg.channels_last))
     last = out_dir / "last.pt"
     state = load_checkpoint(last, device) if last.exists() else None
-    if state is not None and state.get("fingerprint") != fingerprint:
-        changed = sorted(
-            k
-            for k in set(fingerprint) | set(state.get("fingerprint", {}))
-            if fingerprint.get(k) != state.get("fingerprint", {}).get(k)
-        )
-        raise RoarError(
-            f"{last} was written by a different setup (differs in: {', '.join(changed) or 'unknown'}); "
-            "choose another output_dir or rerun with --restart"
-        )
+    check_resumable(state, fingerprint, last)
     if state is None:
         prepare(model, train_source, cfg, seed)
     else:

@@ -18,11 +18,13 @@ snapshots they give:
 Only [N] arrays per snapshot are kept, never [N, C] probabilities (ImageNet has 1000 classes).
 The cache holds one ``<snapshot>.npz`` per finished snapshot; while a snapshot is computed, each
 finished chunk of rows is its own atomically written file, so a killed run recomputes only the
-chunks without one.
+chunks without one (and gathers a snapshot whose chunks are all there). ``identity.json`` records
+what the arrays were computed from; a cache of other snapshots or data is discarded and recomputed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roar.core.atomic import replace_atomic
-from roar.core.provenance import guard_settings
+from roar.core.provenance import changed_keys, write_json
 
 SNAPSHOT_KEYS = ("p_true", "correct", "el2n")  # what every snapshot records
 GRAND = "grand"
@@ -123,17 +125,85 @@ def peer_scores(per_snapshot: dict[str, np.ndarray], el2n_at: int, grand: np.nda
 
 # ------------------------------------------------------------------------------------------- cache
 
+IDENTITY_FILE = "identity.json"  # what the cached arrays were computed from
+LEGACY_IDENTITY_FILE = "settings.json"  # the same record, as caches written before identity.json hold it
+_CHANGES = {"snapshots": "snapshots", "dataset_fingerprint": "data", "n": "data"}
+
+
+def _normalised(identity: dict) -> dict:
+    return json.loads(json.dumps(identity, default=str))
+
+
+def identity_change(recorded: dict | None, identity: dict) -> str | None:
+    """Why a cache recorded as ``recorded`` does not hold scores of ``identity`` ("snapshots changed",
+    "data changed", ...), or None when it does."""
+    if recorded is None:
+        return "its inputs were not recorded"
+    changed = changed_keys(recorded, identity)
+    if not changed:
+        return None
+    words = list(dict.fromkeys(_CHANGES.get(key.split(".")[0], key) for key in changed))
+    return f"{' and '.join(words)} changed"
+
 
 class PeerCache:
     """The per-snapshot peer arrays of one split under ``folder``, resumable chunk by chunk.
 
-    ``identity`` (snapshot hash, dataset fingerprint, size) is recorded on first use
-    (``guard_settings``); a cache made from other snapshots or data is refused rather than mixed in.
+    ``identity`` (snapshot hash, dataset fingerprint, size) is what the arrays are computed from.
+    It is recorded in ``identity.json`` beside them; ``refresh()`` discards a cache recorded with
+    another identity (or with none) before anything is added, so scores of other snapshots or data
+    are never mixed in nor kept: they are recomputed. Constructing a cache writes nothing.
     """
 
     def __init__(self, folder: Path, identity: dict, n: int, chunk_rows: int):
         self.folder, self.n, self.chunk_rows = Path(folder), int(n), int(chunk_rows)
-        guard_settings(self.folder, identity, "peer scores")
+        self.identity = _normalised(identity)
+
+    # ------------------------------------------------------------------------------------ identity
+
+    def recorded(self) -> dict | None:
+        """The identity the cache's arrays were computed from, as recorded (None if unrecorded or unreadable)."""
+        for name in (IDENTITY_FILE, LEGACY_IDENTITY_FILE):
+            path = self.folder / name
+            if path.is_file():
+                try:
+                    found = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return None
+                return found if isinstance(found, dict) else None
+        return None
+
+    def change(self) -> str | None:
+        """Why the arrays in the folder are not this identity's ("snapshots changed", ...), or None
+        when they are (or when there is nothing in the folder). Reads only."""
+        if not self._holds_arrays():
+            return None
+        return identity_change(self.recorded(), self.identity)
+
+    def _holds_arrays(self) -> bool:
+        return self.folder.is_dir() and any(
+            p.suffix == ".npz" or (p.is_dir() and not p.name.startswith(".")) for p in self.folder.iterdir()
+        )
+
+    def refresh(self) -> str | None:
+        """Make the folder this identity's before anything is computed: arrays recorded with another
+        identity (or none) are deleted. Returns why they were (None if nothing was discarded)."""
+        reason = self.change()
+        if reason is not None:
+            # The record goes first: a kill during the clean-up leaves arrays without one, discarded next time.
+            for name in (IDENTITY_FILE, LEGACY_IDENTITY_FILE):
+                (self.folder / name).unlink(missing_ok=True)
+            for path in self.folder.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.suffix == ".npz":
+                    path.unlink(missing_ok=True)
+        if reason is not None or not (self.folder / IDENTITY_FILE).is_file() or self.recorded() != self.identity:
+            write_json(self.folder / IDENTITY_FILE, self.identity)
+            (self.folder / LEGACY_IDENTITY_FILE).unlink(missing_ok=True)
+        return reason
+
+    # -------------------------------------------------------------------------------------- arrays
 
     def _final(self, snapshot: str) -> Path:
         return self.folder / f"{snapshot}.npz"
@@ -177,8 +247,14 @@ class PeerCache:
             replace_atomic(self._chunk(snapshot, chunk), lambda f, part=part: np.savez(f, **part))
 
     def finish(self, snapshot: str, keys: tuple[str, ...]) -> bool:
-        """Gather a snapshot's chunks into ``<snapshot>.npz`` once all are there; True when finished."""
+        """Gather a snapshot's chunks into ``<snapshot>.npz`` once all are there; True when finished.
+
+        Safe to call at any time, and what a resumed run calls first for every snapshot: chunks that
+        are all saved (a run killed before it gathered them) are gathered, and the chunk folder a run
+        killed just after gathering left behind is removed."""
         if self.load(snapshot, keys) is not None:
+            if (self.folder / snapshot).is_dir():
+                shutil.rmtree(self.folder / snapshot, ignore_errors=True)
             return True
         parts = []
         for start in range(0, self.n, self.chunk_rows):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +82,12 @@ def gradient_path(cfg: RunConfig, split: str) -> Path:
     return cfg.run_dir / "vog" / "gradients" / f"{split}.h5"
 
 
+def peer_cache(cfg: RunConfig, split_name: str, split: ImageSplit, model_hash: str, chunk_rows: int = 1) -> PeerCache:
+    """The peer arrays of a split (``<run>/vog/peers/<split>/``) for the snapshots hashed as ``model_hash``."""
+    identity = {"snapshots": model_hash, "dataset_fingerprint": split.fingerprint(), "n": len(split)}
+    return PeerCache(cfg.run_dir / "vog" / "peers" / split_name, identity, len(split), chunk_rows)
+
+
 def _snapshot_info(path: Path) -> tuple[int | float, int]:
     """(epoch, step) of a snapshot file without reading its weights (memory-mapped where possible)."""
     try:
@@ -131,9 +138,8 @@ def _state_problem(model: nn.Module, state: dict) -> str | None:
     return None
 
 
-def load_weights(template: nn.Module, snapshot: Snapshot, model_path: Path) -> dict:
-    """The snapshot's weights, checked to fit ``template`` (the run's final model)."""
-    state = load_checkpoint(snapshot.path)
+def _fitting_weights(template: nn.Module, snapshot: Snapshot, state, model_path: Path) -> dict:
+    """The weights of a loaded snapshot ``state``, checked to fit ``template`` (the run's final model)."""
     weights = state.get("model") if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise RoarError(f"{snapshot.path} is not a training snapshot saved by 'roar train'")
@@ -144,6 +150,22 @@ def load_weights(template: nn.Module, snapshot: Snapshot, model_path: Path) -> d
             f"model or dataset; {RETRAIN}"
         )
     return weights
+
+
+def load_weights(template: nn.Module, snapshot: Snapshot, model_path: Path) -> dict:
+    """The snapshot's weights, checked to fit ``template`` (the run's final model)."""
+    return _fitting_weights(template, snapshot, load_checkpoint(snapshot.path), model_path)
+
+
+def check_snapshots(template: nn.Module, snapshots: list[Snapshot], model_path: Path) -> None:
+    """Refuse, before anything is written, a snapshot that does not fit ``template`` (the run's final
+    model). Only the tensors' shapes are read (memory-mapped), not the weights."""
+    for snapshot in snapshots:
+        try:
+            state = torch.load(snapshot.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            state = load_checkpoint(snapshot.path)  # the same load, for its one-line error
+        _fitting_weights(template, snapshot, state, model_path)
 
 
 def load_snapshot(template: nn.Module, snapshot: Snapshot, model_path: Path) -> tuple[nn.Module, dict]:
@@ -336,6 +358,39 @@ def _store_identities(path: Path, snapshots: list[Snapshot]) -> tuple[dict, dict
     return IDENTITY, {s.name: {"epoch": s.epoch, "step": s.step} for s in snapshots}
 
 
+def _discard_other_store(
+    path: Path, dataset: Dataset, split_name: str, split: ImageSplit, model_hash: str
+) -> str | None:
+    """Delete the gradient store at ``path`` (finished or staged) when it was made from other snapshots
+    or data, so that it is recomputed rather than refused; returns why ("snapshots changed", ...)
+    or None when there is none or it is this run's. A store that cannot be read is left to the writer."""
+    staging = staging_path(path)
+    if not path.exists() and not staging.exists():
+        return None
+    try:
+        with MapStore.open(path, require_complete=False, rerun=RERUN) as store:
+            attrs = store.attrs
+            changed = []
+            if attrs.get("model_hash") != model_hash:
+                changed.append("snapshots")
+            data = (
+                attrs.get("dataset") == dataset.name
+                and store.n == len(split)
+                and list(store.geometry) == [int(x) for x in split.geometry]
+                and attrs.get("dataset_fingerprint") == split.fingerprint()
+                and store.split == split_name
+            )
+            if not data:
+                changed.append("data")
+    except RoarError:
+        return None
+    if not changed:
+        return None
+    path.unlink(missing_ok=True)  # a kill in between leaves a staging folder of the same origin, discarded next time
+    shutil.rmtree(staging, ignore_errors=True)
+    return f"{' and '.join(changed)} changed"
+
+
 def compute_split(
     cfg: RunConfig,
     dataset: Dataset,
@@ -350,7 +405,9 @@ def compute_split(
 ) -> dict:
     """Gradients (and peer arrays) of every snapshot for one split, resuming whatever is stored.
 
-    Returns {"split", "images", "snapshots", "passes": snapshot passes run, "batches": batches run,
+    Returns {"split", "images", "snapshots", "passes": snapshot passes run, "gradients_recomputed" and
+    "peers_recomputed": why the split's stored gradients or cached peer arrays were discarded (None if
+    they were not), "batches": batches run,
     "seconds": wall time spent loading and preparing snapshots ("models"), in the gradient and forward
     passes ("passes"), writing chunks ("writes") and consolidating the store ("consolidation")}.
     """
@@ -358,6 +415,7 @@ def compute_split(
     vc = cfg.vog
     n = len(split)
     path = gradient_path(cfg, split_name)
+    gradients_recomputed = _discard_other_store(path, dataset, split_name, split, model_hash)
     identity, methods = _store_identities(path, snapshots)
     writer = StoreWriter(
         path,
@@ -382,16 +440,21 @@ def compute_split(
     )
     with writer:
         rows = writer.chunk_rows()
-        cache = None
+        cache, recomputed = None, None
         if peers.enabled:
-            identity = {"snapshots": model_hash, "dataset_fingerprint": split.fingerprint(), "n": n}
-            cache = PeerCache(cfg.run_dir / "vog" / "peers" / split_name, identity, n, rows)
+            cache = peer_cache(cfg, split_name, split, model_hash, rows)
+            recomputed = cache.refresh()
         step = max(rows, (vc.batch_size // rows) * rows)
         grid = [(a, min(a + step, n)) for a in range(0, n, step)]
         work = []
         for position, snap in enumerate(snapshots):
             grad_todo = {c for a, b in writer.pending(snap.name) for c in _chunks(a, b, rows)}
-            peer_todo = cache.pending(snap.name, peers.keys(position)) if cache is not None else set()
+            peer_todo = set()
+            if cache is not None:
+                keys = peers.keys(position)
+                peer_todo = cache.pending(snap.name, keys)
+                if not peer_todo:
+                    cache.finish(snap.name, keys)  # chunks all saved by a run killed before it gathered them
             batches = []
             for a, b in grid:
                 chunks = set(_chunks(a, b, rows))
@@ -410,6 +473,8 @@ def compute_split(
         "images": n,
         "snapshots": len(snapshots),
         "passes": passes,
+        "gradients_recomputed": gradients_recomputed,
+        "peers_recomputed": recomputed,
         "batches": sum(len(batches) for _, _, batches in work),
         "seconds": {key: round(value, 3) for key, value in seconds.items()},
     }

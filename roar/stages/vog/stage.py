@@ -23,6 +23,7 @@ from roar.config import RunConfig, VogConfig
 from roar.core.atomic import replace_atomic, write_text_atomic
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
+from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, record_run, write_json
 from roar.core.tables import format_value, write_csv
 from roar.data import TAGS, Dataset, ImageSplit, build_dataset
@@ -31,14 +32,16 @@ from roar.stages.train import load_run_model
 from roar.stages.vog.gradients import (
     PeerPlan,
     Snapshot,
+    check_snapshots,
     compute_split,
     find_snapshots,
     gradient_path,
     open_gradients,
+    peer_cache,
     snapshot_dir,
 )
 from roar.vog import analysis as A
-from roar.vog.peers import GRAND, SNAPSHOT_KEYS, PeerCache, peer_scores
+from roar.vog.peers import GRAND, SNAPSHOT_KEYS, peer_scores
 from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
 
 BASE_COLUMNS = ["index", "split", "label", "prediction", "correct", "stage", *VARIANTS]
@@ -95,8 +98,12 @@ def split_scores(
     vog = {stage: vog_variants(scores, labels) for stage, scores in raw.items()}
     peers = None
     if cfg.vog.peers:
-        identity = {"snapshots": model_hash, "dataset_fingerprint": split.fingerprint(), "n": len(split)}
-        cache = PeerCache(cfg.run_dir / "vog" / "peers" / split_name, identity, len(split), 1)
+        cache = peer_cache(cfg, split_name, split, model_hash)
+        change = cache.change()
+        if change is not None:
+            raise RoarError(
+                f"peer scores of {split_name} in {cache.folder} are out of date ({change}); rerun 'roar vog'"
+            )
         arrays = [cache.load(name, SNAPSHOT_KEYS) for name in names]
         if any(a is None for a in arrays):
             raise RoarError(f"peer scores of {split_name} are incomplete in {cache.folder}; rerun 'roar vog'")
@@ -222,7 +229,11 @@ def _drop_stale(out: Path, stem: str, written: bool) -> None:
 
 
 def run(cfg: RunConfig) -> StageResult:
-    """``roar vog`` for a run: gradients, scores, tables and figures in ``<run>/vog``; returns a summary."""
+    """``roar vog`` for a run: gradients, scores, tables and figures in ``<run>/vog``; returns a summary.
+
+    Everything that can refuse the run (config, dataset, model, snapshots) is checked before the
+    output folder's lock is taken and anything is written: a refused run changes nothing on disk.
+    """
     t0 = time.perf_counter()
     vc = cfg.vog
     device = resolve_device(cfg.device)
@@ -232,17 +243,31 @@ def run(cfg: RunConfig) -> StageResult:
     k = len(snapshots)
     stages = resolve_stages(vc.stages, k)
     el2n_at = el2n_position(vc, stages, k)
+    check_snapshots(model, snapshots, model_path)
     model_hash = file_hash(*[s.path for s in snapshots], model_path)
-    out = cfg.run_dir / "vog"
-    record_run(out, cfg, {"dataset": dataset.fingerprint(), "snapshots_and_model": model_hash}, device)
+    with output_folder(cfg.run_dir / "vog") as out:
+        return _write(cfg, t0, out, device, dataset, model, model_path, snapshots, stages, el2n_at, model_hash)
+
+
+def _write(cfg, t0, out, device, dataset, model, model_path, snapshots, stages, el2n_at, model_hash) -> StageResult:
+    """The stage's work once everything is checked, with ``out`` locked: gradients and peers, then
+    scores, tables, figures, config and provenance."""
+    vc = cfg.vog
+    k = len(snapshots)
     plan = PeerPlan(vc.peers, el2n_at if vc.peers and vc.grand else None)
     computed = [
         compute_split(cfg, dataset, split, snapshots, model, model_path, model_hash, device, plan)
         for split in vc.splits
     ]
     t_gradients = time.perf_counter() - t0
+    notes = []
+    for c in computed:
+        for what, key in (("gradients", "gradients_recomputed"), ("peer scores", "peers_recomputed")):
+            if c.get(key):
+                notes.append(f"{what} of {c['split']} recomputed: {c[key]}")
 
     results = [split_scores(cfg, dataset.split(s), s, snapshots, stages, model_hash, el2n_at) for s in vc.splits]
+    record_run(out, cfg, {"dataset": dataset.fingerprint(), "snapshots_and_model": model_hash}, device)
     write_scores(out / "scores.csv", results)
     main = next((r for r in results if r["split"] == "test"), results[0])
     complete = main["vog"]["complete"]
@@ -285,6 +310,7 @@ def run(cfg: RunConfig) -> StageResult:
             for c in computed
         ],
         "passes": sum(c["passes"] for c in computed),
+        "recomputed": notes,
         "stages": stages,
         "el2n_snapshot": snapshots[el2n_at].name,
         "analysed_split": main["split"],
@@ -306,6 +332,7 @@ def run(cfg: RunConfig) -> StageResult:
         f"lowest VoG decile, {100 * summary['error_highest_decile']:.1f}% in the highest; scores, tables and "
         f"plots -> {out}"
     )
+    line += "".join(f"; {note}" for note in notes)
     return StageResult(summary, line)
 
 
