@@ -84,6 +84,18 @@ def test_retrain_recomputes_only_the_rows_of_maps_that_changed(trained_run, tmp_
     assert {r["method"] for r in read_results(results)} == {"unmodified", "ground_truth"}
 
 
+def test_a_run_rejected_for_its_settings_writes_nothing_and_its_corrected_rerun_runs(trained_run, tmp_path, capsys):
+    overrides = ["attribution.methods=[ground_truth]", "retrain.methods=[ground_truth]", "retrain.thresholds=[50]"]
+    cfg, sets = run_copy(trained_run, tmp_path, "rejected", [*overrides, "retrain.training.epochs=1"])
+    extract(cfg)
+    before = snapshot(cfg.run_dir)
+    assert main(cli([*sets, "retrain.granularity=element"], "retrain", "--mode", "roar")) == 2
+    assert "element granularity needs one map per channel" in capsys.readouterr().err
+    assert snapshot(cfg.run_dir) == before and not (cfg.run_dir / "retrain").exists()
+    assert main(cli(sets, "retrain", "--mode", "roar")) == 0
+    assert "ran 2 of 2 retraining runs" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("stage", ["train", "attributions", "retrain", "curves"])
 def test_a_second_writer_of_any_stage_is_refused_and_changes_nothing(trained_run, tmp_path, capsys, stage):
     overrides = ["attribution.methods=[ground_truth]", "retrain.methods=[ground_truth]", "retrain.thresholds=[50]"]

@@ -102,6 +102,20 @@ def _check_args(fraction: float, mode: str, granularity: str, fill: Fill) -> Non
         raise TypeError(f"fill must be a fill callable (see roar.perturb.fills.build_fill), got {fill!r}")
 
 
+def check_granularity(store: MapStore, granularity: str) -> None:
+    """RoarError if the store's maps do not suit the granularity: one per channel for 'element', reduced for 'pixel'."""
+    if granularity == "pixel" and store.channels:
+        raise RoarError(
+            f"{store.path} keeps one map per channel; pixel granularity needs maps reduced over channels "
+            "(use granularity 'element' or a store extracted with a reduction)"
+        )
+    if granularity == "element" and not store.channels:
+        raise RoarError(
+            f"{store.path} holds maps reduced over channels; element granularity needs one map per channel "
+            "(use granularity 'pixel' or extract with reduction 'none')"
+        )
+
+
 def _validated_layout(
     split: ImageSplit,
     store_path: Path,
@@ -123,16 +137,7 @@ def _validated_layout(
             dataset_fingerprint=split.fingerprint(),
         )
         store.method_info(method)  # RoarError naming the stored methods if this one is missing
-        if granularity == "pixel" and store.channels:
-            raise RoarError(
-                f"{store_path} keeps one map per channel; pixel granularity needs maps reduced over channels "
-                "(use granularity 'element' or a store extracted with a reduction)"
-            )
-        if granularity == "element" and not store.channels:
-            raise RoarError(
-                f"{store_path} holds maps reduced over channels; element granularity needs one map per channel "
-                "(use granularity 'pixel' or extract with reduction 'none')"
-            )
+        check_granularity(store, granularity)
         if not np.array_equal(store.indices, np.arange(store.n)):
             raise RoarError(f"{store_path}: its rows are not the split's images in order; rerun 'roar extract'")
     with h5py.File(store_path, "r") as f:

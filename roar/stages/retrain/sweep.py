@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from roar.config import RunConfig, dump_config
+from roar.core.atomic import remove_temporaries
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
 from roar.core.locks import FileLock, output_folder
@@ -37,7 +38,7 @@ from roar.models import build_model
 from roar.perturb.fills import build_fill
 from roar.stages.extract import open_maps, store_path
 from roar.stages.result import StageResult
-from roar.stages.retrain.data import ablated_source
+from roar.stages.retrain.data import ablated_source, check_granularity
 from roar.stages.retrain.jobs import run_shards
 from roar.stages.retrain.results import append_result, prune, read_results, row_key
 from roar.stages.retrain.summary import summarise
@@ -248,6 +249,7 @@ def run(cfg: RunConfig, modes: list[str], shard: str | None = None) -> StageResu
     stored, digests = [], {}
     for split in ("test", "train"):  # retraining reads the train maps, testing the test maps
         with open_maps(cfg, dataset, split) as store:
+            check_granularity(store, cfg.retrain.granularity)
             stored.append(store.methods)
             for method in store.methods:
                 digests.setdefault(method, {})[split] = store.digest(method)
@@ -296,6 +298,7 @@ def run(cfg: RunConfig, modes: list[str], shard: str | None = None) -> StageResu
         else:
             for run in tqdm(todo, desc="retrain", unit="run", disable=None):
                 folder = out / "runs" / run.folder
+                remove_temporaries(folder)  # a killed run's; this process alone computes this run
                 append_result(results, retrain(cfg, dataset, run, folder, device, inputs[run.key]), inputs[run.key])
                 shutil.rmtree(folder, ignore_errors=True)  # the row is the result; checkpoints were for resuming
         current_rows = [r for r in read_results(results) if r.get("inputs") == _hash(current(row_key(r)))]
