@@ -123,9 +123,9 @@ def same_in_any_batch(alone: torch.Tensor, together: torch.Tensor, exact: bool, 
 
 
 def small_params(name: str) -> dict:
-    """Few noisy copies and path steps, and every input in one pass (so draws are one per batch)."""
+    """Few noisy copies, path steps and optimisation steps, and every input in one pass (so draws are one per batch)."""
     fields = METHODS.config_class(name).model_fields
-    return {k: v for k, v in {"samples": 3, "steps": 4, "max_batch": 4096}.items() if k in fields}
+    return {k: v for k, v in {"samples": 3, "steps": 4, "iterations": 3, "max_batch": 4096}.items() if k in fields}
 
 
 def tunnel_params(base: str, statistic: str) -> dict:

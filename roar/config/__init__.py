@@ -2,7 +2,6 @@
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig, MethodEntry
-from roar.config.fill import FillConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.run import (
     RunConfig,
@@ -14,6 +13,7 @@ from roar.config.run import (
     section_keys,
 )
 from roar.config.vog import VogConfig
+from roar.perturb.fills import FillConfig
 from roar.training.config import TrainingConfig
 
 __all__ = [

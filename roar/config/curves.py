@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from roar.config.fill import FillConfig
 from roar.core.schema import Section
+from roar.perturb.fills import FillConfig
 
 DEFAULT_FRACTIONS = [round(0.1 * i, 1) for i in range(11)]
 

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from roar.config.fill import FillConfig
 from roar.core.schema import Section
+from roar.perturb.fills import FillConfig
 from roar.training.config import TrainingConfig
 
 

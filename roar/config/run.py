@@ -18,11 +18,10 @@ from pydantic_core import PydanticCustomError
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig
-from roar.config.registered import registered
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
 from roar.core.errors import RoarError
-from roar.core.schema import DuplicateKeyError, Section, Seed, dump_yaml, format_validation_error, load_yaml
+from roar.core.schema import DuplicateKeyError, Section, Seed, dump_yaml, format_validation_error, load_yaml, registered
 from roar.data import DATASETS, DatasetConfig
 from roar.models import MODELS, ModelConfig
 from roar.training.config import TrainingConfig

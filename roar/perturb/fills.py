@@ -39,7 +39,7 @@ from pydantic import AfterValidator, Field, ValidationError
 
 from roar.core.errors import RoarError
 from roar.core.registry import Registry
-from roar.core.schema import Section, format_validation_error
+from roar.core.schema import Section, Seed, format_validation_error, registered
 from roar.perturb.patches import patch_grid, patch_scores, to_pixels
 from roar.perturb.road import road_impute
 
@@ -219,6 +219,11 @@ def build_patch_mean(cfg: PatchMeanFillConfig, mean: Sequence[float] | None = No
 # --------------------------------------------------------------------------------------------- by name
 
 
+FillConfig = registered(FILLS, FillSection)
+"""A field holding any registered fill's config: ``{name: blur, sigma: 2}``, or a bare name (``road``)
+for a fill with its defaults (read from the registry when validated, so later entries are valid)."""
+
+
 def build_fill(spec: str | Section, mean: Sequence[float] | None = None, **params: Any) -> Fill:
     """A registered fill by name (``params`` validated against its config) or from its config section.
 
@@ -257,7 +262,7 @@ class RoadFillConfig(FillSection):
         description="per-channel value in [0, 1] for a channel removed entirely (nothing to impute from); "
         "default: the dataset's per-channel mean, else 0.5",
     )
-    seed: int = Field(0, ge=0, lt=2**63, description="noise seed; an image's noise depends on it and its dataset index")
+    seed: Seed = Field(0, description="noise seed; an image's noise depends on it and its dataset index")
 
 
 def _splitmix64(x: int) -> int:
