@@ -248,6 +248,12 @@ def test_curves_rerun_with_more_orders_computes_only_the_new_ones(trained_run, t
         ("random_order", "random"),
     }
 
+    zero = ["curves.orders=[morf, lerf, random]", "curves.folder=curves_zero", "curves.fill=zero"]
+    beside = load_config(REPO / "configs" / "smoke.yaml", [*sets, *zero])
+    assert run(beside)["ran"] == 3, "another folder holds another protocol, computed apart"
+    assert {r["fill"] for r in read_csv(cfg.run_dir / "curves_zero" / "results.csv")} == {"zero"}
+    assert read_csv(cfg.run_dir / "curves" / "results.csv") == rows, "the first protocol's results are untouched"
+
 
 def test_patch_degradation_with_patch_mean_fill_runs_through_the_stage(trained_run, tmp_path):
     overrides = [

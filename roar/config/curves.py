@@ -31,6 +31,11 @@ class CurvesConfig(Section):
     max_images: int | None = Field(None, ge=1, description="a seeded random subset of the split; default: all")
     batch_size: int = Field(256, ge=1, description="images per forward pass")
     amp: bool = Field(False, description="bf16 autocast on CUDA")
+    folder: str = Field(
+        "curves",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the run's folder for the results: several protocols side by side (curves_road, degradation)",
+    )
 
     @field_validator("steps")
     @classmethod

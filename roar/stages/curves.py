@@ -4,7 +4,7 @@ For each method in the store (and the random-order control, reported as method `
 order (MoRF, LeRF), the engine in ``roar.perturb.curves`` replaces growing shares of each image and
 records every curve measure registered in ``roar.metrics`` per step (today accuracy, the probability
 of the clean prediction and its relative change). Columns, tables and panels come from those
-measures, so a new measure appears in all three without an edit here. Outputs in ``<run>/curves/``:
+measures, so a new measure appears in all three without an edit here. Outputs in ``<run>/curves/`` (``curves.folder``):
 
 * ``results.csv``: ``method, order, granularity, fill, step, fraction``, a column per measure
   (``accuracy, probability, relative_change``), ``images``; a row per curve point;
@@ -69,7 +69,7 @@ def part_inputs(cfg: RunConfig, dataset_fingerprint: str, model_hash: str, maps:
     inputs = {
         "dataset": dataset_fingerprint,
         "model_hash": model_hash,  # the model measured, and the one the maps come from
-        "curves": cfg.curves.model_dump(mode="json", exclude={"methods", "orders", "batch_size", "amp"}),
+        "curves": cfg.curves.model_dump(mode="json", exclude={"methods", "orders", "batch_size", "amp", "folder"}),
         "seed": cfg.seed,
         "measures": [m.name for m in measures],
     }
@@ -141,7 +141,7 @@ def run(cfg: RunConfig) -> StageResult:
     curves = [(m, orders) for m, orders in curves if orders]
     inputs = {m: part_inputs(cfg, dataset.fingerprint(), model_hash, digests.get(m), measures) for m, _ in curves}
 
-    out = cfg.run_dir / "curves"
+    out = cfg.run_dir / lc.folder
     with output_folder(out):
         parts = out / "parts"
         for legacy in [out / "settings.json", *parts.glob("*.csv")]:  # written by earlier versions
