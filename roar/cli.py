@@ -46,6 +46,12 @@ def cmd_extract(args) -> str:
     return extract.run(_load(args)).summary()
 
 
+def cmd_patterns(args) -> str:
+    from roar.stages import patterns
+
+    return patterns.run(_load(args)).summary()
+
+
 def cmd_retrain(args) -> str:
     from roar.stages.retrain import sweep
 
@@ -129,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="attribution maps of every configured method (task extract-attribution-maps)")
     _config_args(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser(
+        "patterns",
+        help="signal patterns of PatternNet, PatternAttribution and PGIG from the training images (task patterns)",
+    )
+    _config_args(p)
+    p.set_defaults(func=cmd_patterns)
 
     p = sub.add_parser(
         "retrain",

@@ -20,6 +20,14 @@ EXPECTED = {
     ],
     "road": ["## ROAD imputation", "| 32×32×3 | 10% |", "| 32×32×3 | 90% |", "| 224×224×3 | 50% |"],
     "recipes": ["## Training recipes: time to accuracy", "| fast |", "retrainings", "PFLOPs"],
+    "lime": [
+        "## LIME",
+        "| ResNet8 16/32/64 | `lime` | `segment_mean`",
+        "| ResNet8 16/32/64 | `lime_g` | `road` |",
+        "| ResNet8 16/32/64 | `lime_g` | `biharmonic` |",
+        "Spearman correlation",
+    ],
+    "perturbation": ["## Meaningful perturbation: batched masks", "`meaningful_perturbation`", "`mp_g`", "(a) ÷ (b)"],
 }
 
 

@@ -22,6 +22,7 @@ the whole module runs in seconds on two CPU cores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pytest
@@ -142,15 +143,34 @@ METHOD_CASES = [pytest.param(name, small_params(name), id=name) for name in METH
 ]
 
 
-@pytest.fixture(scope="module")
-def setup():
-    """(model, images, targets, masks, references): a narrow ResNet8 with non-trivial BatchNorm."""
+def setup_model() -> Classifier:
+    """A narrow ResNet8 with non-trivial BatchNorm, the same one at every call."""
     torch.manual_seed(0)
     model = Classifier(ResNet8(num_classes=10, widths=(4, 8, 8)), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)).eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@functools.cache
+def setup_patterns():
+    """The setup model's signal patterns, estimated once from random images (for methods that need them).
+
+    Drawn with ``uniform_`` and under ``fork_rng``: a first call inside a test that records its draws
+    (``Draws``) or relies on the global random state changes neither."""
+    from roar.attribution.patterns import estimate_patterns
+
+    with torch.random.fork_rng():
+        images = torch.empty(64, C, H, W).uniform_(generator=torch.Generator().manual_seed(2))
+        return estimate_patterns(setup_model(), images, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(model, images, targets, masks, references): a narrow ResNet8 with non-trivial BatchNorm."""
+    model = setup_model()
     g = torch.Generator().manual_seed(1)
     images = torch.rand(B, C, H, W, generator=g)
     with torch.no_grad():
@@ -167,6 +187,7 @@ def context_for(method, masks, references, rows=slice(None), drop: str | None = 
         indices=torch.arange(10, 10 + B)[rows],
         masks=masks[rows] if "masks" in needs else None,
         references=references if "references" in needs else None,
+        patterns=setup_patterns() if "patterns" in needs else None,
     )
 
 

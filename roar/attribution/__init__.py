@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from roar.attribution import controls, gradcam, gradient, guided, integrated, noise  # noqa: F401  (register methods)
+# Importing these modules registers their methods.
+from roar.attribution import (  # noqa: F401
+    controls,
+    gradcam,
+    gradient,
+    guided,
+    integrated,
+    lime,
+    noise,
+    pattern_methods,
+    perturbation,
+)
 from roar.attribution.base import Attribution, Context, MethodConfig
 from roar.attribution.plugins import PluginAttribution
 from roar.attribution.registry import METHODS

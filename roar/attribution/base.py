@@ -11,7 +11,8 @@ always passes and direct callers may omit:
 * ``generator``: the random stream of this batch (noise, random baselines), so an interrupted
   extraction recomputes exactly the maps it would have written;
 * ``context``: per-example data from the dataset (``indices``, ground-truth ``masks``) and shared
-  data (``references``: training images for expected gradients).
+  data (``references``: training images for expected gradients; ``patterns``: the model's signal
+  patterns for PatternNet, PatternAttribution and PGIG).
 
 What a method needs from the context it declares in ``needs`` (a subset of ``NEEDS``), and the
 extraction stage supplies exactly that: reference images are sampled only when some method needs
@@ -45,6 +46,7 @@ from roar.core.schema import Section
 NEEDS: dict[str, str] = {
     "masks": "the dataset's ground-truth object masks (context.masks)",
     "references": "a seeded sample of training images (context.references)",
+    "patterns": "the model's signal patterns, estimated from training images by 'roar patterns' (context.patterns)",
 }
 
 
@@ -67,6 +69,7 @@ class Context:
     indices: torch.Tensor | None = None  # int64 [B], positions in the split
     masks: torch.Tensor | None = None  # uint8 [B, H, W] ground-truth object masks, if any
     references: torch.Tensor | None = None  # float [R, C, H, W] training images in [0, 1]
+    patterns: Any = None  # roar.attribution.patterns.Patterns of the model (PatternNet, PatternAttribution, PGIG)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,6 +2,7 @@
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig, MethodEntry
+from roar.config.patterns import PatternsConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.run import (
     RunConfig,
@@ -21,6 +22,7 @@ __all__ = [
     "CurvesConfig",
     "FillConfig",
     "MethodEntry",
+    "PatternsConfig",
     "RetrainConfig",
     "RunConfig",
     "TrainingConfig",

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig
+from roar.config.patterns import PatternsConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
 from roar.core.errors import RoarError
@@ -55,6 +56,7 @@ class RunConfig(Section):
     model: ModelSection = Field(default_factory=lambda: MODELS.config_class("resnet8")())
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    patterns: PatternsConfig = Field(default_factory=PatternsConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     curves: CurvesConfig = Field(default_factory=CurvesConfig)
     vog: VogConfig = Field(default_factory=VogConfig)

@@ -4,7 +4,9 @@ Batches lie on a fixed grid of ``batch_size`` rows (a multiple of the store's ch
 method's random stream is seeded by (seed, split, method, batch start): a resumed extraction
 recomputes exactly the maps an uninterrupted one would have written, and adding a method to a
 finished store computes only that method. Methods that share passes (``shared_key``) are
-computed once per batch.
+computed once per batch. Methods that need the model's signal patterns (PatternNet,
+PatternAttribution, PGIG) get them from ``roar.stages.patterns``, estimated on first use and reused
+after; their digest goes into the provenance and into the identity of every map computed with them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from roar.core.errors import RoarError
 from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
+from roar.stages.patterns import ensure as ensure_patterns
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
 from roar.store import MapStore, StoreWriter
@@ -101,8 +104,11 @@ def _batches(writer: StoreWriter, names: list[str], batch_size: int, n: int):
             yield start, stop, todo
 
 
-def open_writer(cfg: RunConfig, dataset: Dataset, split_name: str, methods, entries, model_hash: str) -> StoreWriter:
-    """The store writer of a split: checks (and locks) an existing store against this run's inputs."""
+def open_writer(
+    cfg: RunConfig, dataset: Dataset, split_name: str, methods, entries, model_hash: str, patterns: str | None = None
+) -> StoreWriter:
+    """The store writer of a split: checks (and locks) an existing store against this run's inputs.
+    ``patterns`` is the digest of the model's patterns, part of the identity of the maps that use them."""
     split = dataset.split(split_name)
     a = cfg.attribution
     # max_batch only sets the memory budget, not the maps: it is not part of a method's identity.
@@ -110,6 +116,9 @@ def open_writer(cfg: RunConfig, dataset: Dataset, split_name: str, methods, entr
         e.name: {"method": e.method, "params": methods[e.name].params.model_dump(mode="json", exclude={"max_batch"})}
         for e in entries
     }
+    for e in entries:
+        if "patterns" in methods[e.name].needs:
+            spec[e.name]["patterns"] = patterns
     return StoreWriter(
         store_path(cfg, split_name),
         split=split_name,
@@ -136,6 +145,7 @@ def extract_split(
     writer: StoreWriter,
     device,
     references,
+    patterns=None,
 ) -> dict:
     split = dataset.split(split_name)
     a = cfg.attribution
@@ -153,7 +163,7 @@ def extract_split(
             targets = predictions if a.target == "predicted" else labels
             indices = torch.arange(start, stop)
             masks = split.masks[start:stop].to(device) if split.masks is not None else None
-            context = Context(indices=indices, masks=masks, references=references)
+            context = Context(indices=indices, masks=masks, references=references, patterns=patterns)
             shared: dict = {}
             maps = {}
             for name in todo:
@@ -187,9 +197,9 @@ def run(cfg: RunConfig) -> StageResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.dataset)
-    model, _, model_path = load_run_model(cfg, dataset, device)
+    trained, _, model_path = load_run_model(cfg, dataset, device)
     probe = dataset.test.read(slice(0, 16)).float().div_(255)
-    model = prepare_model(model, device, probe=probe)
+    model = prepare_model(trained, device, probe=probe)
     entries = cfg.attribution.entries()
     methods = {e.name: build_method(e, cfg.attribution.max_batch) for e in entries}
     # Each method declares what it needs from the context (``Attribution.needs``).
@@ -202,19 +212,26 @@ def run(cfg: RunConfig) -> StageResult:
     needs_refs = any("references" in method.needs for method in methods.values())
     references = reference_images(dataset, cfg.attribution.references, cfg.seed, device) if needs_refs else None
     model_hash = file_hash(model_path)
+    # Patterns are estimated (or loaded) once per trained model, only when some method needs them.
+    patterns, patterns_status = None, None
+    if any("patterns" in method.needs for method in methods.values()):
+        patterns, patterns_status = ensure_patterns(cfg, dataset, trained, model_hash, device)
+    digest = None if patterns is None else patterns.digest
+    inputs = {"dataset": dataset.fingerprint(), "model": model_hash, **({"patterns": digest} if digest else {})}
     out = cfg.run_dir / "attributions"
     splits = cfg.attribution.split_names()
     with output_folder(out), contextlib.ExitStack() as stores:
         # Every split's store is checked against this run before anything is written.
         writers = {
             split: stores.enter_context(
-                open_writer(cfg, dataset, split, methods, cfg.attribution.entries(split), model_hash)
+                open_writer(cfg, dataset, split, methods, cfg.attribution.entries(split), model_hash, digest)
             )
             for split in splits
         }
-        record_run(out, cfg, {"dataset": dataset.fingerprint(), "model": model_hash}, device)
+        record_run(out, cfg, inputs, device)
         results = [
-            extract_split(cfg, dataset, split, model, methods, writers[split], device, references) for split in splits
+            extract_split(cfg, dataset, split, model, methods, writers[split], device, references, patterns)
+            for split in splits
         ]
         summary = {
             "splits": results,
@@ -222,7 +239,11 @@ def run(cfg: RunConfig) -> StageResult:
             "seconds": round(time.perf_counter() - t0, 2),
             "output": str(out),
         }
+        if patterns is not None:
+            summary["patterns"] = {"digest": digest, "status": patterns_status}
         write_json(out / "summary.json", summary)
     splits = ", ".join(f"{r['split']} ({r['images']})" for r in results)
     line = f"extracted {len(summary['methods'])} methods for {splits} in {summary['seconds']:.0f} s -> {out}"
+    if patterns is not None:
+        line += f" (patterns {patterns_status})"
     return StageResult(summary, line)
