@@ -231,9 +231,9 @@ def test_biharmonic_fill_is_scikit_image_s_inpainting():
 def test_a_bad_plugin_is_one_line_roar_error(small):
     model, images, targets = small
     bad = {
-        "no_such_module.inpaint": "cannot import 'no_such_module.inpaint': no module named 'no_such_module'",
+        "no_such_module.inpaint": "'no_such_module.inpaint': no module 'no_such_module' can be imported",
         path("no_such_function"): "has no 'no_such_function'",
-        "inpaint": "not a dotted path",
+        "inpaint": "expected a dotted path such as",
     }
     for function, message in bad.items():
         with pytest.raises(RoarError, match=message) as error:

@@ -28,36 +28,7 @@ from roar.attribution.base import Attribution, MethodConfig
 from roar.attribution.engine import frozen
 from roar.attribution.gradcam import resolve_layer
 from roar.core.errors import RoarError
-from roar.core.registry import closest
-
-
-def import_object(path: str) -> Any:
-    """The object named by a dotted path (``package.module.function``, also ``module.Class.method``)."""
-    parts = path.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise RoarError(f"plug-in '{path}': expected a dotted path such as 'package.module.function'")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # Only "this prefix is no module" means: try a shorter one. A module that exists but
-            # fails to import its own dependencies is reported as that.
-            if error.name is not None and (module_name == error.name or module_name.startswith(error.name + ".")):
-                continue
-            raise RoarError(f"plug-in '{path}': importing {module_name} failed: {error}") from error
-        except Exception as error:
-            raise RoarError(f"plug-in '{path}': importing {module_name} failed: {error}") from error
-        for attribute in parts[split:]:
-            if not hasattr(obj, attribute):
-                public = [name for name in dir(obj) if not name.startswith("_")]
-                raise RoarError(
-                    f"plug-in '{path}': {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no "
-                    f"'{attribute}'{closest(attribute, public)}"
-                )
-            obj = getattr(obj, attribute)
-        return obj
-    raise RoarError(f"plug-in '{path}': no module '{parts[0]}' can be imported")
+from roar.core.registry import closest, import_object
 
 
 def as_attribution_map(out: Any, images: torch.Tensor, name: str) -> torch.Tensor:

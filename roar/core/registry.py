@@ -7,6 +7,7 @@ names: a new entry is configurable and tested the moment it is registered.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -68,3 +69,34 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._factories
+
+
+def import_object(path: str, what: str = "plug-in") -> Any:
+    """The object named by a dotted path (``package.module.function``, also ``module.Class.method``):
+    how users plug in their own method, fill or inpainter. Every failure is a one-line RoarError
+    starting with ``what`` and the path."""
+    parts = path.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise RoarError(f"{what} '{path}': expected a dotted path such as 'package.module.function'")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # Only "this prefix is no module" means: try a shorter one. A module that exists but
+            # fails to import its own dependencies is reported as that.
+            if error.name is not None and (module_name == error.name or module_name.startswith(error.name + ".")):
+                continue
+            raise RoarError(f"{what} '{path}': importing {module_name} failed: {error}") from error
+        except Exception as error:
+            raise RoarError(f"{what} '{path}': importing {module_name} failed: {error}") from error
+        for attribute in parts[split:]:
+            if not hasattr(obj, attribute):
+                public = [name for name in dir(obj) if not name.startswith("_")]
+                raise RoarError(
+                    f"{what} '{path}': {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no "
+                    f"'{attribute}'{closest(attribute, public)}"
+                )
+            obj = getattr(obj, attribute)
+        return obj
+    raise RoarError(f"{what} '{path}': no module '{parts[0]}' can be imported")

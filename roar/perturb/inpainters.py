@@ -24,7 +24,6 @@ All of them give an image the same values in any batch (the first three draw no 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ import torch
 from pydantic import Field
 
 from roar.core.errors import RoarError
+from roar.core.registry import import_object
 from roar.perturb.fills import FILLS, ChannelValues, FillSection
 
 # --------------------------------------------------------------------------------------------- segment mean
@@ -159,28 +159,10 @@ class PluginFillConfig(FillSection):
 
 def import_function(path: str) -> Callable:
     """The callable named by a dotted path (``package.module.function``), or a one-line ``RoarError``."""
-    parts = path.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise RoarError(f"fill 'plugin': '{path}' is not a dotted path such as 'package.module.function'")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # Only "this prefix is no module" means: try a shorter one.
-            if error.name is not None and (module_name == error.name or module_name.startswith(error.name + ".")):
-                continue
-            raise RoarError(f"fill 'plugin': importing {module_name} for '{path}' failed: {error}") from None
-        except Exception as error:
-            raise RoarError(f"fill 'plugin': importing {module_name} for '{path}' failed: {error}") from None
-        for attribute in parts[split:]:
-            if not hasattr(obj, attribute):
-                raise RoarError(f"fill 'plugin': {getattr(obj, '__name__', obj)!s} has no '{attribute}' (in '{path}')")
-            obj = getattr(obj, attribute)
-        if not callable(obj):
-            raise RoarError(f"fill 'plugin': '{path}' is a {type(obj).__name__}, not a function")
-        return obj
-    raise RoarError(f"fill 'plugin': cannot import '{path}': no module named '{parts[0]}'")
+    obj = import_object(path, "fill 'plugin'")
+    if not callable(obj):
+        raise RoarError(f"fill 'plugin': '{path}' is a {type(obj).__name__}, not a function")
+    return obj
 
 
 class PluginFill:
