@@ -70,32 +70,35 @@ class PGIGConfig(PatternAttributionConfig):
     )
 
 
+class _PatternGradient(Attribution):
+    """The gradient of the target logit through the model's pattern backward (``mode``: "net" puts each
+    unit's pattern in place of its weight, "attribution" weight ⊙ pattern): [B, C, H, W]."""
+
+    mode: str
+    needs = frozenset({"patterns"})
+
+    def attribute(self, model, images, targets, *, generator, context) -> torch.Tensor:
+        p = self.params
+        net = pattern_model(model, patterns_of(context, self.name), self.mode, p.estimator, self.name)
+        return input_gradients(net, images, targets, max_batch=p.max_batch)
+
+
 @register
-class PatternNet(Attribution):
+class PatternNet(_PatternGradient):
     """∂ logit_target / ∂x with each unit's pattern in place of its weight: [B, C, H, W]."""
 
     name = "pattern_net"
     config = PatternNetConfig
-    needs = frozenset({"patterns"})
-
-    def attribute(self, model, images, targets, *, generator, context) -> torch.Tensor:
-        p = self.params
-        net = pattern_model(model, patterns_of(context, self.name), "net", p.estimator, self.name)
-        return input_gradients(net, images, targets, max_batch=p.max_batch)
+    mode = "net"
 
 
 @register
-class PatternAttribution(Attribution):
+class PatternAttribution(_PatternGradient):
     """∂ logit_target / ∂x with each unit's weight ⊙ pattern in place of its weight: [B, C, H, W]."""
 
     name = "pattern_attribution"
     config = PatternAttributionConfig
-    needs = frozenset({"patterns"})
-
-    def attribute(self, model, images, targets, *, generator, context) -> torch.Tensor:
-        p = self.params
-        net = pattern_model(model, patterns_of(context, self.name), "attribution", p.estimator, self.name)
-        return input_gradients(net, images, targets, max_batch=p.max_batch)
+    mode = "attribution"
 
 
 @register
