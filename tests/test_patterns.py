@@ -379,6 +379,13 @@ def test_extract_estimates_patterns_on_first_use_and_records_them(trained_run, t
     raw = create("pattern_attribution")(model, images, model(images).argmax(1), context=Context(patterns=patterns))
     torch.testing.assert_close(maps, raw.square().sum(1), rtol=2e-3, atol=2e-3 * raw.square().sum(1).max().item())
 
+    # Other patterns settings would not fit the stored maps: refused before the patterns file is touched.
+    before = patterns_path(cfg).read_bytes()
+    changed = cfg.model_copy(update={"patterns": cfg.patterns.model_copy(update={"samples": 64})})
+    with pytest.raises(RoarError, match=r"pattern_attribution, pattern_net, pgig computed with patterns that would"):
+        extract(changed)
+    assert patterns_path(cfg).read_bytes() == before
+
 
 def test_the_command_line_and_the_taskfile_have_a_patterns_stage(repo):
     from roar.cli import build_parser, cmd_patterns

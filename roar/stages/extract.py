@@ -29,6 +29,7 @@ from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
 from roar.stages.patterns import ensure as ensure_patterns
+from roar.stages.patterns import stale_reason
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
 from roar.store import MapStore, StoreWriter
@@ -192,6 +193,26 @@ def extract_split(
         }
 
 
+def _refuse_maps_of_other_patterns(cfg: RunConfig, dataset: Dataset, model, model_hash: str) -> None:
+    """Refuse, before the patterns are estimated again, a store holding maps computed with the stored
+    patterns when those no longer match their inputs: the new patterns would not fit those maps, and
+    a refused run must leave the patterns file as it was."""
+    why = stale_reason(cfg, dataset, model, model_hash)
+    if not why:
+        return
+    for split in cfg.attribution.split_names():
+        path = store_path(cfg, split)
+        if not path.exists():
+            continue
+        with MapStore.open(path, require_complete=False, rerun=RERUN) as store:
+            used = [m for m in store.methods if "patterns" in store.identity_of(m)]
+        if used:
+            raise RoarError(
+                f"{path}: {', '.join(used)} computed with patterns that would now be estimated again ({why}); "
+                "delete those maps (or the store) or keep the patterns' settings"
+            )
+
+
 def run(cfg: RunConfig) -> StageResult:
     """``roar extract`` for a run: stores in ``<run>/attributions/<split>.h5``; returns a summary."""
     t0 = time.perf_counter()
@@ -215,6 +236,7 @@ def run(cfg: RunConfig) -> StageResult:
     # Patterns are estimated (or loaded) once per trained model, only when some method needs them.
     patterns, patterns_status = None, None
     if any("patterns" in method.needs for method in methods.values()):
+        _refuse_maps_of_other_patterns(cfg, dataset, trained, model_hash)
         patterns, patterns_status = ensure_patterns(cfg, dataset, trained, model_hash, device)
     digest = None if patterns is None else patterns.digest
     inputs = {"dataset": dataset.fingerprint(), "model": model_hash, **({"patterns": digest} if digest else {})}

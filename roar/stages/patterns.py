@@ -127,6 +127,19 @@ def _layers(patterns: Patterns) -> list[dict]:
     ]
 
 
+def stale_reason(cfg: RunConfig, dataset: Dataset, model, model_hash: str) -> str | None:
+    """Why the stored patterns would be estimated again ('' if there are none), or None if they are reused."""
+    stored, _ = _stored(patterns_path(cfg))
+    if stored is None:
+        return ""
+    old, new = stored.info.get("inputs"), estimation_inputs(cfg, dataset, model_hash, PatternEstimator(model))
+    if old == new:
+        return None
+    reuse = Reuse()
+    reuse.fresh(None, old, new)
+    return reuse.why()
+
+
 def ensure(cfg: RunConfig, dataset: Dataset, model, model_hash: str, device) -> tuple[Patterns, str]:
     """The patterns of the run's trained ``model`` (hash ``model_hash``): the stored ones while they match
     their inputs, else estimated now (resuming a killed estimation). Returns them and what was done:
