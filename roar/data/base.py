@@ -90,6 +90,27 @@ class ImageSplit(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def pair_evidence(self, index: int, a: int, b: int) -> torch.Tensor | None:
+        """bool [H, W]: where image ``index`` shows what an ambiguity between classes ``a`` and ``b``
+        should point at, or None when the split has no such ground truth.
+
+        Default (object masks with a second object's label, as ``shapes`` has): the pixels of the
+        objects whose class is ``a`` or ``b``. In such data only the objects carry class evidence
+        (background, colour and position are independent of the class), so a network torn between
+        the two classes can only have found that evidence there; an image with a second object of
+        class ``b`` beside its labelled object of class ``a`` has both objects as its region.
+        Datasets with part or segment annotations (``cub200``, ``ade20k``) define it their way.
+        """
+        if self.masks is None or self.other_labels is None:
+            return None
+        mask = self.masks[index]
+        region = torch.zeros(mask.shape, dtype=torch.bool)
+        if int(self.labels[index]) in (a, b):
+            region |= mask == 1
+        if int(self.other_labels[index]) in (a, b):
+            region |= mask == 2
+        return region
+
 
 class TensorSplit(ImageSplit):
     """A split held in memory as tensors."""
