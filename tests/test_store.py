@@ -601,3 +601,64 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path, monkeypatc
     assert not stats.failures, "\n".join(stats.failures)
     assert stats.kills == 10 and stats.resumes == 10 and stats.identical == 5
     assert {"staging chunks", "consolidating", "adding a method"} <= set(stats.phases), stats.phases
+
+
+# ------------------------------------------------------------------------------------------- extra row arrays
+
+EXTRAS = {"top": ("int64", (3,)), "score": ("float32", ()), "flags": ("bool", (2,))}
+
+
+def extra_rows(start: int, stop: int) -> dict:
+    r = np.arange(start, stop)
+    return {
+        "top": np.stack([r, r + 1, r + 2], axis=1),
+        "score": (r / 7).astype(np.float32),
+        "flags": np.stack([r % 2 == 0, r % 3 == 0], axis=1),
+    }
+
+
+def test_extra_row_arrays_survive_a_restart_and_consolidation(path, data):
+    """Extras are staged with the rows of each chunk: a writer stopped half-way and resumed ends with
+    exactly the arrays of every row, readable from the staging folder before and the file after."""
+    step = None
+    with StoreWriter(path, **settings(extras=EXTRAS)) as writer:
+        step = writer.chunk_rows()
+        stop = min(step, N)
+        writer.write(0, {m: data[m][:stop] for m in METHODS}, **rows(0, stop), extras=extra_rows(0, stop))
+    partial = MapStore.open(path, require_complete=False)
+    assert sorted(partial.extras) == sorted(EXTRAS)
+    np.testing.assert_array_equal(partial.extra("top")[:stop], extra_rows(0, stop)["top"])
+    assert np.isnan(partial.extra("score")[stop:]).all()
+    partial.close()
+    with StoreWriter(path, **settings(extras=EXTRAS)) as writer:
+        for start in range(stop, N, step):
+            end = min(start + step, N)
+            writer.write(
+                start, {m: data[m][start:end] for m in METHODS}, **rows(start, end), extras=extra_rows(start, end)
+            )
+        writer.finish()
+    with MapStore.open(path) as store:
+        expected = extra_rows(0, N)
+        for name in EXTRAS:
+            got = store.extra(name)
+            assert got.dtype == np.dtype(EXTRAS[name][0])
+            np.testing.assert_array_equal(got, expected[name])
+        with pytest.raises(RoarError, match="no extra row array 'topp'"):
+            store.extra("topp")
+
+
+def test_extra_row_arrays_are_part_of_the_identity_and_checked_on_write(path, data):
+    with StoreWriter(path, **settings(extras=EXTRAS)) as writer:
+        k = writer.chunk_rows()
+        with pytest.raises(ValueError, match="must give the extra row arrays"):
+            writer.write(0, {m: data[m][:k] for m in METHODS}, **rows(0, k))
+        bad = extra_rows(0, k)
+        bad["top"] = bad["top"][:, :2]
+        with pytest.raises(ValueError, match=r"'top' has shape"):
+            writer.write(
+                0, {m: data[m][: writer.chunk_rows()] for m in METHODS}, **rows(0, writer.chunk_rows()), extras=bad
+            )
+    with pytest.raises(RoarError, match="extras"):
+        StoreWriter(path, **settings(extras={"top": ("int64", (5,))}))
+    with pytest.raises(ValueError, match="dtype"):
+        StoreWriter(path.with_name("other.h5"), **settings(extras={"top": ("int8", (5,))}))

@@ -41,6 +41,7 @@ V1_IDENTITY = ("reduction", "target")
 # Keys of ``MapStore.method_info`` that an array set's identity cannot use.
 RESERVED = ("rows_done", "n", "complete")
 ROWS = ("labels", "predictions", "indices")
+EXTRA_DTYPES = ("int64", "float32", "bool")
 GENERIC_RERUN = "the stage that wrote it"
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -150,3 +151,23 @@ def first_line(exc: BaseException) -> str:
 def value_text(value: Any) -> str:
     """A stored value as messages quote it: strings bare, anything else as JSON."""
     return value if isinstance(value, str) else dumps(value)
+
+
+def extras_spec(extras: dict | None) -> dict[str, dict]:
+    """``{name: {"dtype", "shape"}}`` of the per-row arrays a store keeps beside labels, predictions
+    and indices (``{"top": ("int64", (5,))}``: five ints per image); ValueError for a bad spec."""
+    spec = {}
+    for name, (dtype, shape) in (extras or {}).items():
+        if not NAME.match(name) or name in ROWS:
+            raise ValueError(
+                f"extra row array name '{name}' must use letters, digits and _ . + - and not be one of {ROWS}"
+            )
+        if str(dtype) not in EXTRA_DTYPES:
+            raise ValueError(f"extra row array '{name}': dtype must be one of {EXTRA_DTYPES}, got {dtype!r}")
+        spec[name] = {"dtype": str(dtype), "shape": [int(x) for x in shape]}
+    return spec
+
+
+def extras_of(header: dict) -> dict[str, dict]:
+    """The extra row arrays a store's header declares (none for stores without them)."""
+    return dict((header.get("identity") or {}).get("extras") or {})

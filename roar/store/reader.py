@@ -23,6 +23,7 @@ from roar.core.registry import closest
 from roar.store.format import (
     ROWS,
     dequantize,
+    extras_of,
     geometry_text,
     map_shape,
     rerun_hint,
@@ -149,20 +150,24 @@ class MapStore:
         header["complete"] = all(spec["consolidated"] for spec in methods.values())
         if require_complete and not header["complete"]:
             raise RoarError(_unfinished(path, n, methods, rerun))
-        rows = cls._rows(path, h5, staging, manifest, n, rerun)
+        rows = cls._rows(path, h5, staging, manifest, n, rerun, extras_of(header))
         return cls(path, header, methods, sources, h5, staging, rows)
 
     @staticmethod
-    def _rows(path: Path, h5, staging: Staging, manifest: dict | None, n: int, rerun) -> dict[str, np.ndarray]:
+    def _rows(path: Path, h5, staging: Staging, manifest: dict | None, n: int, rerun, extras) -> dict[str, np.ndarray]:
+        """Labels, predictions, indices and the declared extra row arrays; rows not yet written are
+        -1 (0 / NaN in extras)."""
         if h5 is not None:
             try:
-                return {key: h5[key][:] for key in ROWS}
+                return {key: h5[key][:] for key in ROWS} | {name: h5["extras"][name][:] for name in extras}
             except Exception as exc:
                 raise damaged(path, exc, rerun) from None
         rows = {key: np.full(n, -1, dtype=np.int64) for key in ROWS}
+        for name, spec in extras.items():
+            rows[name] = np.full((n, *spec["shape"]), np.nan if spec["dtype"] == "float32" else 0, dtype=spec["dtype"])
         step = int(manifest["chunk_rows"])
         for start in staging.chunks(None):
-            data = staging.load_rows(start, min(start + step, n) - start) if start < n else None
+            data = staging.load_rows(start, min(start + step, n) - start, extras) if start < n else None
             for key, value in (data or {}).items():
                 if key in rows:
                     rows[key][start : start + len(value)] = value
@@ -212,6 +217,17 @@ class MapStore:
     @property
     def indices(self) -> np.ndarray:
         return self._rows["indices"]
+
+    @property
+    def extras(self) -> list[str]:
+        """Names of the extra row arrays the store keeps (``StoreWriter(extras=...)``)."""
+        return list(extras_of(self.attrs))
+
+    def extra(self, name: str) -> np.ndarray:
+        """One extra row array, [N, ...] in row order."""
+        if name not in self.extras:
+            raise RoarError(f"no extra row array '{name}' in {self.path}; it holds: {', '.join(self.extras) or 'none'}")
+        return self._rows[name]
 
     @property
     def complete(self) -> bool:

@@ -107,14 +107,18 @@ class Staging:
             return None
         return data
 
-    def load_rows(self, start: int, rows: int) -> dict | None:
-        """A staged chunk of labels, predictions and indices, or None if missing or unreadable."""
+    def load_rows(self, start: int, rows: int, extras: dict | None = None) -> dict | None:
+        """A staged chunk of labels, predictions and indices (and the ``extras`` row arrays the store
+        declares), or None if missing or unreadable."""
         try:
             data = self.load(None, start)
         except Exception:
             return None
         if any(data.get(key, np.empty(0)).shape != (rows,) for key in ROWS):
             return None
+        for name, spec in (extras or {}).items():
+            if data.get(name, np.empty(0)).shape != (rows, *spec["shape"]):
+                return None
         return data
 
     def live_manifest(self, consolidated: dict) -> dict | None:

@@ -35,6 +35,8 @@ from roar.store.format import (
     ROWS,
     chunk_rows_for,
     current_header,
+    extras_of,
+    extras_spec,
     geometry_text,
     map_shape,
     normalise,
@@ -62,6 +64,11 @@ class StoreWriter:
 
     Work proceeds in chunks of ``chunk_rows()`` rows: ``pending(name)`` lists the row ranges still
     to compute, ``write`` stores finished rows, ``finish`` consolidates.
+
+    ``extras`` declares small per-row arrays kept beside labels, predictions and indices, e.g.
+    ``{"top": ("int64", (5,))}`` for five class ids per image: what a stage needs to read its maps
+    (the classes of the insecurity maps' pairs) is then written with them, chunk by chunk, and
+    resumed with them. The declaration is part of the store's identity; every ``write`` gives them.
     """
 
     def __init__(
@@ -80,11 +87,14 @@ class StoreWriter:
         identity: dict | None = None,
         rerun: str | None = None,
         compression: str | None = "lzf",
+        extras: dict[str, tuple[str, tuple[int, ...]]] | None = None,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         identity = dict(identity or {})
         check_identity(identity)
+        if extras:
+            identity["extras"] = extras_spec(extras)
         if int(n) < 1:
             raise RoarError(f"split '{split}' has no images; nothing to store in {path}")
         if len(tuple(geometry)) != 3:
@@ -141,6 +151,7 @@ class StoreWriter:
         base = current_header(stored) if stored is not None else header
         base["rerun"] = self.rerun = self.staging.rerun = self.rerun or base.get("rerun")
         self.header = {key: value for key, value in base.items() if key not in ("complete", "chunk_rows", "methods")}
+        self.extras = extras_of(self.header)
         self.n = int(self.header["n"])
         self.shape = map_shape(self.header["geometry"], self.header["channels"])
         self._chunk_rows = chunk_rows or chunk_rows_for(2 * int(np.prod(self.shape)), self.n)
@@ -157,6 +168,7 @@ class StoreWriter:
             sets = read_sets(self.path, f, self.rerun)
             try:
                 rows = {key: f[key][:] for key in ROWS}
+                rows.update({name: f["extras"][name][:] for name in extras_of(stored)})
                 chunk_rows = f["maps"][next(iter(sets))].chunks[0] if sets else None
             except Exception as exc:
                 raise damaged(self.path, exc, self.rerun) from None
@@ -218,13 +230,15 @@ class StoreWriter:
 
     # ---------------------------------------------------------------------------------- writing
 
-    def write(self, start: int, maps: dict[str, Any], labels, predictions, indices) -> None:
-        """Store rows [start, start + k) of the given array sets; all are validated before anything lands."""
+    def write(self, start: int, maps: dict[str, Any], labels, predictions, indices, extras=None) -> None:
+        """Store rows [start, start + k) of the given array sets (and of the declared ``extras`` row
+        arrays); all are validated before anything lands."""
         self._check_open()
         given = {"labels": labels, "predictions": predictions, "indices": indices}
         rows = {key: numpy(value).astype(np.int64).reshape(-1) for key, value in given.items()}
         k = len(rows["indices"])
         self._check_range(start, k, rows)
+        rows.update(self._checked_extras(extras or {}, k))
         quantized = {
             name: quantize(self._checked_maps(name, value, k, rows["indices"])) for name, value in maps.items()
         }
@@ -265,6 +279,21 @@ class StoreWriter:
                 f"{self._chunk_rows} within [0, {self.n})"
             )
 
+    def _checked_extras(self, extras: dict[str, Any], k: int) -> dict[str, np.ndarray]:
+        if set(extras) != set(self.extras):
+            raise ValueError(
+                f"{self.path}: write must give the extra row arrays {sorted(self.extras)}, got {sorted(extras)}"
+            )
+        out = {}
+        for name, spec in self.extras.items():
+            a = numpy(extras[name])
+            if a.shape != (k, *spec["shape"]):
+                raise ValueError(f"extra row array '{name}' has shape {list(a.shape)}, expected {[k, *spec['shape']]}")
+            if spec["dtype"] == "float32" and not np.isfinite(a).all():
+                raise RoarError(f"extra row array '{name}' holds NaN or Inf")
+            out[name] = a.astype(spec["dtype"])
+        return out
+
     def _checked_maps(self, name: str, value: Any, k: int, indices: np.ndarray) -> np.ndarray:
         if name not in self.methods:
             raise ValueError(f"unknown method '{name}' for {self.path}; known: {', '.join(self.methods)}")
@@ -292,7 +321,7 @@ class StoreWriter:
         if self.h5_rows is not None:
             known = {key: value[a:b] for key, value in self.h5_rows.items()}
         elif chunk in self._rows_done:
-            known = self.staging.load_rows(chunk, b - a)
+            known = self.staging.load_rows(chunk, b - a, self.extras)
         else:
             known = None
         if known is None:
@@ -341,8 +370,12 @@ class StoreWriter:
     def _fill(self, out: h5py.File, old: h5py.File | None) -> None:
         write_header(out, self.header)
         rows = self.h5_rows if self.h5_rows is not None else self._staged_rows()
-        for key, value in rows.items():
-            out.create_dataset(key, data=value, dtype=np.int64, compression=self.compression)
+        for key in ROWS:
+            out.create_dataset(key, data=rows[key], dtype=np.int64, compression=self.compression)
+        if self.extras:
+            group = out.create_group("extras", track_order=True)
+            for name, spec in self.extras.items():
+                group.create_dataset(name, data=rows[name], dtype=spec["dtype"], compression=self.compression)
         maps, scales = out.create_group("maps", track_order=True), out.create_group("scales", track_order=True)
         for name in self.methods:
             if name in self.consolidated:
@@ -356,12 +389,12 @@ class StoreWriter:
     def _staged_rows(self) -> dict[str, np.ndarray]:
         parts = []
         for chunk in range(0, self.n, self._chunk_rows):
-            data = self.staging.load_rows(chunk, self._chunk_end(chunk) - chunk)
+            data = self.staging.load_rows(chunk, self._chunk_end(chunk) - chunk, self.extras)
             if data is None:
                 self.staging.discard(None, chunk)
                 raise self._damaged_chunk(f"rows/{chunk:012d}.npz")
             parts.append(data)
-        return {key: np.concatenate([p[key] for p in parts]) for key in ROWS}
+        return {key: np.concatenate([p[key] for p in parts]) for key in (*ROWS, *self.extras)}
 
     def _fill_set(self, maps: h5py.Group, scales: h5py.Group, name: str) -> None:
         compression = {"compression": self.compression, "shuffle": self.compression is not None}
