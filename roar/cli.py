@@ -71,6 +71,12 @@ def cmd_vog(args) -> str:
     return stage.run(_load(args)).summary()
 
 
+def cmd_insecurity(args) -> str:
+    from roar.stages.insecurity import stage
+
+    return stage.run(_load(args)).summary()
+
+
 def cmd_vog_toy(args) -> str:
     from roar.core.schema import SEED_LIMIT, SEED_RANGE
     from roar.stages import vog_toy
@@ -166,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vog", help="VoG example difficulty and peer scores over the training snapshots (task vog)")
     _config_args(p)
     p.set_defaults(func=cmd_vog)
+
+    p = sub.add_parser(
+        "insecurity", help="deliberative insecurity maps: where the model is torn between two classes (task insecurity)"
+    )
+    _config_args(p)
+    p.set_defaults(func=cmd_insecurity)
 
     p = sub.add_parser("vog-toy", help="VoG on 2-D blobs against the distance to the decision boundary (task vog-toy)")
     p.add_argument("--split", choices=toy.SPLITS, default="train", help="the points scored (default: train)")

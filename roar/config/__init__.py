@@ -2,6 +2,7 @@
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig, MethodEntry
+from roar.config.insecurity import HardnessConfig, InsecurityConfig
 from roar.config.patterns import PatternsConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.run import (
@@ -21,6 +22,8 @@ __all__ = [
     "AttributionConfig",
     "CurvesConfig",
     "FillConfig",
+    "HardnessConfig",
+    "InsecurityConfig",
     "MethodEntry",
     "PatternsConfig",
     "RetrainConfig",

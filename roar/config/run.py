@@ -3,7 +3,7 @@
 ``load_config("configs/demo.yaml", ["training.epochs=3"])`` returns a validated ``RunConfig``.
 Every problem (an unknown or misspelt key, a wrong type, an impossible value) is reported as a
 ``RoarError`` whose one line names the dotted key. Each stage's section lives in its own module
-of this package (``extract``, ``retrain``, ``curves``, ``vog``; ``training`` in ``roar.training``).
+of this package (``extract``, ``retrain``, ``curves``, ``vog``, ``insecurity``; ``training`` in ``roar.training``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig
+from roar.config.insecurity import InsecurityConfig
 from roar.config.patterns import PatternsConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
@@ -60,6 +61,7 @@ class RunConfig(Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     curves: CurvesConfig = Field(default_factory=CurvesConfig)
     vog: VogConfig = Field(default_factory=VogConfig)
+    insecurity: InsecurityConfig = Field(default_factory=InsecurityConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -3,7 +3,7 @@
 Importing this package registers the built-in datasets listed below.
 """
 
-from roar.data import cifar10, digits, folder, shapes  # noqa: F401  (register the built-in datasets)
+from roar.data import ade20k, cifar10, cub200, digits, folder, shapes  # noqa: F401  (register the built-in datasets)
 from roar.data.base import TAGS, Dataset, DatasetConfig, ImageSplit, TensorSplit
 from roar.data.registry import DATASETS
 
