@@ -28,6 +28,12 @@ EXPECTED = {
         "Spearman correlation",
     ],
     "perturbation": ["## Meaningful perturbation: batched masks", "`meaningful_perturbation`", "`mp_g`", "(a) ÷ (b)"],
+    "insecurity": [
+        "## Insecurity maps: 2ndG against gradient",
+        "| ResNet8 16/32/64 | `cs` |",
+        "| ResNet8 16/32/64 | `cs`, `entropy`, `hp` at once |",
+        "all ≤ 1e-05: yes",  # 2ndG − gradient equals ½|q| from layer_quadratic
+    ],
 }
 
 

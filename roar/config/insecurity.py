@@ -18,7 +18,7 @@ class HardnessConfig(Section):
     folds: int = Field(
         5, ge=2, description="cross-fitting folds of the split: each image is scored by a predictor that never saw it"
     )
-    hidden: int = Field(64, ge=1, description="channels of the predictor's 1x1 convolution")
+    hidden: int = Field(32, ge=1, description="channels of the predictor's 1x1 convolution")
     epochs: int = Field(60, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
