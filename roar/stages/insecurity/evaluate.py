@@ -177,30 +177,38 @@ def _best(results: Results, ic) -> tuple[str, str]:
 
 
 def _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results, cache) -> list[dict]:
-    """The first images with an ambiguity (two-object ones first), with the best setting's strongest pair."""
+    """The first images with an ambiguity (two-object ones first) under the best setting: the map of
+    the pair the image was built from (when it is an ambiguity) and of the strongest pair."""
     ic = cfg.insecurity
     if not ic.examples:
         return []
     s, v = _best(results, ic)
     found = pairs[class_variant(v)]
     best = _strongest(store.extra(f"totals.{set_name(s, v)}"), found)
+    others = split.other_labels.numpy()[rows] if split.other_labels is not None else np.full(len(rows), -1)
     order = np.flatnonzero(best >= 0)
-    if split.other_labels is not None:
-        order = order[np.argsort(split.other_labels.numpy()[rows[order]] < 0, kind="stable")]
+    order = order[np.argsort(others[order] < 0, kind="stable")]
+    names = dataset.class_names
     out = []
     for i in order[: ic.examples]:
+        label, other = int(split.labels[rows[i]]), int(others[i])
+        built = [k for k in np.flatnonzero(found[i]) if sorted(classes[i, k]) == sorted((label, other))]
+
+        def region(a: int, b: int, i=i):
+            key = (int(rows[i]), min(a, b), max(a, b))
+            if key not in cache:
+                cache[key] = split.pair_evidence(key[0], a, b)
+            return None if cache[key] is None else cache[key].numpy()
+
         a, b = (int(c) for c in classes[i, best[i]])
-        key = (int(rows[i]), min(a, b), max(a, b))
-        region = cache.get(key) if key in cache else split.pair_evidence(key[0], a, b)
-        other = int(split.other_labels[rows[i]]) if split.other_labels is not None else -1
         out.append(
             {
                 "image": split.read([int(rows[i])])[0].permute(1, 2, 0).numpy(),
-                "map": stored[set_name(s, v)][i, best[i]],
-                "region": None if region is None else region.numpy(),
-                "pair": (dataset.class_names[a], dataset.class_names[b]),
-                "label": dataset.class_names[int(split.labels[rows[i]])],
-                "other": dataset.class_names[other] if other >= 0 else None,
+                "truth": names[label] + (f" + {names[other]}" if other >= 0 else ""),
+                "region": region(label, other) if other >= 0 else region(a, b),
+                "built": stored[set_name(s, v)][i, built[0]] if built else None,
+                "strongest": stored[set_name(s, v)][i, best[i]],
+                "pair": f"{names[a]} / {names[b]}",
                 "setting": set_name(s, v),
             }
         )
@@ -304,26 +312,29 @@ def plot_pr(results: Results, ic, path: Path) -> None:
 
 
 def plot_examples(examples: list[dict], path: Path) -> None:
+    """One column per image: the image with its evidence region, the built pair's insecurity map,
+    the strongest pair's."""
     plt = pyplot()
     n = len(examples)
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6.6), squeeze=False)
     for j, ex in enumerate(examples):
-        top, bottom = axes[0][j], axes[1][j]
-        top.imshow(ex["image"], interpolation="nearest")
+        image_ax, built_ax, strongest_ax = axes[0][j], axes[1][j], axes[2][j]
+        image_ax.imshow(ex["image"], interpolation="nearest")
         if ex["region"] is not None and ex["region"].any():
-            top.contour(ex["region"], levels=[0.5], colors="yellow", linewidths=0.8)
-        truth = ex["label"] + (f" + {ex['other']}" if ex["other"] else "")
-        top.set_title(truth, fontsize=7)
-        bottom.imshow(ex["image"], interpolation="nearest")
-        bottom.imshow(ex["map"], cmap="jet", alpha=0.55, interpolation="bilinear")
-        bottom.set_title(" / ".join(ex["pair"]), fontsize=7)
-        for ax in (top, bottom):
+            image_ax.contour(ex["region"], levels=[0.5], colors="yellow", linewidths=0.8)
+        image_ax.set_title(ex["truth"], fontsize=7)
+        for ax, key, title in ((built_ax, "built", "built pair"), (strongest_ax, "strongest", ex["pair"])):
+            ax.imshow(ex["image"], interpolation="nearest")
+            if ex[key] is not None:
+                ax.imshow(ex[key], cmap="jet", alpha=0.55, interpolation="bilinear")
+            ax.set_title(title if ex[key] is not None else "built pair: no ambiguity", fontsize=7)
+        for ax in (image_ax, built_ax, strongest_ax):
             ax.set_xticks([])
             ax.set_yticks([])
     if examples:
         fig.suptitle(
-            f"Top: image, its classes and evidence region; bottom: {examples[0]['setting']} insecurity map "
-            "of the strongest pair",
+            f"{examples[0]['setting']}: image with the evidence region of its classes (top), insecurity map of the "
+            "pair it was built from (middle) and of the strongest pair (bottom)",
             fontsize=8,
         )
     fig.tight_layout()
