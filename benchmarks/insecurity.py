@@ -213,16 +213,10 @@ def render(command: str, result: dict, s: Settings, load_start: float, load_end:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser("benchmarks.insecurity", __doc__, "smoke test: 4 images, one round")
-    args = parser.parse_args(argv)
+    args = bench_parser("benchmarks.insecurity", __doc__, "smoke test: 4 images, one round").parse_args(argv)
     s = PRESETS["quick" if args.quick else "default"]
-    return bench_run(
-        "benchmarks.insecurity",
-        argv,
-        args.write,
-        lambda log: measure(s, log),
-        lambda c, r, a, b: render(c, r, s, a, b),
-    )
+    measured = lambda log: measure(s, log)  # noqa: E731
+    return bench_run("benchmarks.insecurity", argv, args.write, measured, lambda c, r, a, b: render(c, r, s, a, b))
 
 
 if __name__ == "__main__":

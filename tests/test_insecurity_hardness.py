@@ -52,17 +52,27 @@ def test_the_predictor_learns_a_hardness_that_lives_in_the_features():
     assert isinstance(model, HardnessPredictor) and not model.training
 
 
-def test_cross_fitting_never_scores_an_image_with_a_predictor_that_saw_it(trained_run, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def prepared(trained_run):
+    """(test split, prepared model, its last stage, a function giving the insecurity section with
+    other hardness settings) of the small trained run."""
     cfg = trained_run
     dataset = build_dataset(cfg.dataset)
     split = dataset.test
-    trained, _, model_path = load_run_model(cfg, dataset, torch.device("cpu"))
+    trained, _, _ = load_run_model(cfg, dataset, torch.device("cpu"))
     probe = split.images[:8].float() / 255
     model = prepare_model(trained, torch.device("cpu"), probe=probe)
     _, layer = resolve_layer(model, "auto", probe)
-    ic = cfg.insecurity.model_copy(
-        update={"hardness": cfg.insecurity.hardness.model_copy(update={"folds": 3, "epochs": 2})}
-    )
+
+    def section(**hardness):
+        return cfg.insecurity.model_copy(update={"hardness": cfg.insecurity.hardness.model_copy(update=hardness)})
+
+    return split, model, layer, section
+
+
+def test_cross_fitting_never_scores_an_image_with_a_predictor_that_saw_it(prepared, tmp_path, monkeypatch):
+    split, model, layer, section = prepared
+    ic = section(folds=3, epochs=2)
     seen: list[torch.Tensor] = []
     real_fit = stage_hardness.fit_predictor
 
@@ -93,17 +103,9 @@ def test_cross_fitting_never_scores_an_image_with_a_predictor_that_saw_it(traine
 
 
 @pytest.mark.parametrize("bad", [b"", b"not a checkpoint"])
-def test_an_unreadable_predictor_file_is_retrained(trained_run, tmp_path, bad):
-    cfg = trained_run
-    dataset = build_dataset(cfg.dataset)
-    split = dataset.test
-    trained, _, _ = load_run_model(cfg, dataset, torch.device("cpu"))
-    probe = split.images[:8].float() / 255
-    model = prepare_model(trained, torch.device("cpu"), probe=probe)
-    _, layer = resolve_layer(model, "auto", probe)
-    ic = cfg.insecurity.model_copy(
-        update={"hardness": cfg.insecurity.hardness.model_copy(update={"folds": 2, "epochs": 1})}
-    )
+def test_an_unreadable_predictor_file_is_retrained(prepared, tmp_path, bad):
+    split, model, layer, section = prepared
+    ic = section(folds=2, epochs=1)
     inputs = {"model": "m", "dataset": "d", "split": "test", "layer": "l"}
     stage_hardness.ensure_predictors(tmp_path, ic, 0, model, split, layer, inputs, "cpu")
     (tmp_path / "fold_1.pt").write_bytes(bad)

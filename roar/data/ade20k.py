@@ -38,9 +38,9 @@ from pydantic import Field
 from roar.core.atomic import replace_atomic
 from roar.core.errors import RoarError
 from roar.core.registry import closest
+from roar.data.annotated import dataset_folder, read_mapping, read_table, word
 from roar.data.base import Dataset, ImageSplit, writable_folder
-from roar.data.cub200 import GeometryConfig, dataset_folder, read_table, word
-from roar.data.folder import load_image
+from roar.data.folder import GeometryConfig, load_image
 from roar.data.registry import DATASETS
 
 INNER = "ADEChallengeData2016"
@@ -69,13 +69,7 @@ class Ade20kConfig(GeometryConfig):
 
 def read_scenes(folder: Path) -> dict[str, str]:
     """{image name: scene} of sceneCategories.txt."""
-    path = folder / "sceneCategories.txt"
-    scenes: dict[str, str] = {}
-    for number, (name, scene) in read_table(path, (word, word), "<image name> <scene>"):
-        if name in scenes:
-            raise RoarError(f"{path} line {number}: image {name} is given twice")
-        scenes[name] = scene
-    return scenes
+    return read_mapping(folder / "sceneCategories.txt", (word, word), "<image name> <scene>", "image")
 
 
 def read_objects(folder: Path) -> list[str]:

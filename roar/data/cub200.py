@@ -32,17 +32,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from roar.core.errors import RoarError
-from roar.data.base import Dataset, DatasetConfig, ImageSplit, not_a_file
-from roar.data.folder import IMAGENET_MEAN, IMAGENET_STD, Positive, Unit, load_image
+from roar.data.annotated import dataset_folder, flag, read_mapping, read_table, shorten, word
+from roar.data.base import Dataset, ImageSplit
+from roar.data.folder import GeometryConfig, load_image
 from roar.data.registry import DATASETS
 
 INNER = "CUB_200_2011"
@@ -84,23 +85,6 @@ ATTRIBUTE_PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
-class GeometryConfig(DatasetConfig):
-    """Keys of a dataset decoded on demand at one evaluation geometry, normalised with given statistics."""
-
-    resize: int = Field(256, ge=8, le=4096, description="shorter image side after resizing")
-    crop: int = Field(224, ge=8, le=4096, description="side of the centre crop taken after resizing")
-    mean: tuple[Unit, Unit, Unit] = IMAGENET_MEAN
-    std: tuple[Positive, Positive, Positive] = IMAGENET_STD
-
-    @field_validator("crop")
-    @classmethod
-    def _crop_fits(cls, crop: int, info: ValidationInfo) -> int:
-        resize = info.data.get("resize")
-        if resize is not None and crop > resize:
-            raise ValueError(f"must not exceed resize ({resize})")
-        return crop
-
-
 class Cub200Config(GeometryConfig):
     name: Literal["cub200"] = "cub200"
     root: Path = Field(Path("data/cub200"), description="folder holding CUB_200_2011/ (or that folder itself)")
@@ -113,61 +97,6 @@ class Cub200Config(GeometryConfig):
     part_radius: float = Field(
         0.06, gt=0.0, le=1.0, description="radius of the evidence disk around a keypoint, as a fraction of crop"
     )
-
-
-# ---------------------------------------------------------------- text files
-
-
-def read_table(path: Path, columns: tuple[Callable[[str], Any], ...], layout: str) -> Iterator[tuple[int, tuple]]:
-    """(line number, converted fields) of every non-blank line of ``path``.
-
-    A line holds ``len(columns)`` whitespace-separated fields, the last taking the rest of the line
-    (so names with spaces, such as CUB's 'left eye', stay whole). A line that does not fit is a
-    RoarError naming the file, the line and the expected ``layout``.
-    """
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split(None, len(columns) - 1)
-            if not fields:
-                continue
-            try:
-                if len(fields) != len(columns):
-                    raise ValueError
-                row = tuple(convert(field.strip()) for convert, field in zip(columns, fields))
-            except ValueError:
-                raise RoarError(f"{path} line {number}: expected '{layout}', got '{_shorten(line.strip())}'") from None
-            yield number, row
-
-
-def word(text: str) -> str:
-    """A field of ``read_table`` that is one token (a name or path), not the rest of a longer line."""
-    if not text or any(c.isspace() for c in text):
-        raise ValueError(text)
-    return text
-
-
-def flag(text: str) -> int:
-    """A field of ``read_table`` that is 0 or 1."""
-    if text not in ("0", "1"):
-        raise ValueError(text)
-    return int(text)
-
-
-def _shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def dataset_folder(root: Path, inner: str, marker: str, layout: str) -> Path:
-    """``<root>/<inner>`` if it holds ``marker``, else ``root`` itself if it does (the user pointed at
-    the inner folder); otherwise a RoarError naming ``dataset.root`` and the expected ``layout``."""
-    root = Path(root)
-    not_a_file(root, "dataset.root", f"expected {layout}")
-    if not root.is_dir():
-        raise RoarError(f"dataset.root {root} not found: expected {layout}")
-    for folder in (root / inner, root):
-        if (folder / marker).is_file():
-            return folder
-    raise RoarError(f"dataset.root {root} holds no {inner}/{marker}: expected {layout}")
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -326,7 +255,7 @@ class CubParts:
             except ValueError:
                 raise RoarError(
                     f"{path} line {number}: expected {len(names)} numbers (one per line of attributes.txt), "
-                    f"got '{_shorten(line)}'"
+                    f"got '{shorten(line)}'"
                 ) from None
         if len(rows) != self.num_classes:
             raise RoarError(f"{path} has {len(rows)} rows: expected one per class of classes.txt ({self.num_classes})")
@@ -386,13 +315,7 @@ class CubSplit(ImageSplit):
 
 def _read_ids(folder: Path, name: str, layout: str, convert: Callable[[str], Any] = int) -> dict[int, Any]:
     """{image id: value} of a two-column file of ``folder``; an id given twice is an error."""
-    path = folder / name
-    table: dict[int, Any] = {}
-    for number, (key, value) in read_table(path, (int, convert), layout):
-        if key in table:
-            raise RoarError(f"{path} line {number}: id {key} is given twice")
-        table[key] = value
-    return table
+    return read_mapping(folder / name, (int, convert), layout, "id")
 
 
 def _class_names(folder: Path) -> list[str]:

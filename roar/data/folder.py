@@ -29,11 +29,9 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-class FolderConfig(DatasetConfig):
-    name: Literal["folder"] = "folder"
-    root: Path | None = Field(None, description="folder holding <train_dir>/<class>/* and <test_dir>/<class>/*")
-    train_dir: str = "train"
-    test_dir: str = "val"
+class GeometryConfig(DatasetConfig):
+    """Keys of a dataset decoded on demand at one evaluation geometry, normalised with given statistics."""
+
     resize: int = Field(256, ge=8, le=4096, description="shorter image side after resizing")
     crop: int = Field(224, ge=8, le=4096, description="side of the centre crop taken after resizing")
     mean: tuple[Unit, Unit, Unit] = IMAGENET_MEAN
@@ -46,6 +44,13 @@ class FolderConfig(DatasetConfig):
         if resize is not None and crop > resize:
             raise ValueError(f"must not exceed resize ({resize})")
         return crop
+
+
+class FolderConfig(GeometryConfig):
+    name: Literal["folder"] = "folder"
+    root: Path | None = Field(None, description="folder holding <train_dir>/<class>/* and <test_dir>/<class>/*")
+    train_dir: str = "train"
+    test_dir: str = "val"
 
 
 class ImageNetConfig(FolderConfig):
