@@ -68,7 +68,7 @@ def test_stored_maps_follow_the_layout(finished):
     split = build_dataset(cfg.dataset).test
     p = len(rank_pairs(cfg.insecurity.top))
     with open_maps(cfg.run_dir / "insecurity" / "maps.h5") as store:
-        assert store.geometry == (p + 2, *split.geometry[1:])
+        assert store.geometry == (p + 2, 8, 8)  # layer3 of ResNet8 at 32×32: the maps at the layer's resolution
         maps = store.read("hp.2ndg")
         pairs = store.extra("pairs.gradient")
         np.testing.assert_array_equal(store.labels, split.labels.numpy()[store.indices])
@@ -103,7 +103,14 @@ def test_rerun_reuses_everything_and_a_changed_setting_recomputes(finished, tmp_
 
 
 def test_kill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tmp_path):
-    extra = ["insecurity.images=all", "insecurity.max_images=90", "insecurity.scores=[cs, hp]"]
+    # the maps of 341 images fill a store chunk (the unit of resumption): 800 training images are 3 chunks
+    extra = [
+        "insecurity.split=train",
+        "insecurity.images=all",
+        "insecurity.max_images=800",
+        "insecurity.scores=[cs, hp]",
+        "insecurity.variants=[gradient, 2ndg]",
+    ]
     killed_cfg, killed_sets = run_copy(trained_run, tmp_path, "killed", extra)
     straight_cfg, _ = run_copy(trained_run, tmp_path, "straight", extra)
     command = [sys.executable, "-m", "roar", "insecurity", "--config", "configs/smoke.yaml"]
@@ -113,7 +120,7 @@ def test_kill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tm
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
-        if staging.exists() and len(list((staging / "rows").glob("*.npz"))) >= 2:
+        if staging.exists() and len(list(staging.glob("maps/*/*.npz"))) >= 4:  # the first chunk of all 4 sets
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -123,7 +130,7 @@ def test_kill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tm
         assert 0 < partial.method_info("cs.gradient")["rows_done"] < partial.n
     resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "90 all images" in resumed.stdout
+    assert "800 all images" in resumed.stdout
     stage.run(straight_cfg)
     with open_maps(path) as a, open_maps(straight_cfg.run_dir / "insecurity" / "maps.h5") as b:
         assert a.methods == b.methods

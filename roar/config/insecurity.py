@@ -32,10 +32,10 @@ class InsecurityConfig(Section):
     """``roar insecurity``: where the network is torn between two classes (Wang & Vasconcelos, 2019)."""
 
     split: Literal["train", "test"] = "test"
-    images: Literal["two_objects", "hard", "all"] = Field(
-        "two_objects",
+    images: Literal["auto", "two_objects", "hard", "all"] = Field(
+        "auto",
         description="which images get maps: those tagged two_objects (torn between two known classes), every "
-        "tagged hard example, or all",
+        "tagged hard example, or all; auto: two_objects where the dataset tags them, else all",
     )
     max_images: int | None = Field(None, ge=1, description="a seeded subset of the chosen images; default: all")
     layer: str = Field(

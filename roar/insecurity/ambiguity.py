@@ -145,8 +145,16 @@ def insecurity_maps(
     slots = _slots(t, class_maps.device)
     product = maps[:, slots[:, 0]] * maps[:, slots[:, 1]] * difficulty.to(dtype)[:, None]  # [B, P, h, w]
     if size is not None and tuple(size) != (h, w):
-        product = F.interpolate(product, size=tuple(size), mode="bilinear", align_corners=False)
+        product = upsample(product, size)
     return torch.where(pairs[:, :, None, None], product, torch.zeros((), dtype=dtype, device=product.device))
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps [..., h, w] bilinearly (``align_corners=False``) to [..., H, W]: the one way every
+    insecurity, difficulty and class map reaches the image's size."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    return F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False).reshape(*lead, *size)
 
 
 def strongest_pair(insecurity: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:

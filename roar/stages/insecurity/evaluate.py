@@ -26,7 +26,7 @@ from roar.core.plots import pyplot, save_figure
 from roar.core.provenance import write_json
 from roar.core.tables import write_csv
 from roar.data import Dataset, ImageSplit
-from roar.insecurity.ambiguity import pair_classes, rank_pairs
+from roar.insecurity.ambiguity import pair_classes, rank_pairs, upsample
 from roar.insecurity.evaluation import DEFAULT_FRACTIONS, pr_area, precision_recall
 from roar.stages.insecurity.store import class_variant, set_name
 from roar.store import MapStore
@@ -43,20 +43,26 @@ class Results:
     summary: dict = field(default_factory=dict)
 
 
-def _regions(split: ImageSplit, rows: np.ndarray, classes: np.ndarray, chosen: np.ndarray, cache: dict) -> torch.Tensor:
+MAP_BUDGET = 1 << 24
+"""Pixels of image-size maps scored at once (64 MB of float32): evaluation memory stays bounded
+whatever the number of images and pairs."""
+
+
+def _regions(split: ImageSplit, rows: np.ndarray, classes: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
     """bool [M, H, W]: the evidence region of every chosen (image, slot)."""
+    found: dict = {}
     out = []
     for i, slot in chosen:
         a, b = (int(c) for c in classes[i, slot])
         key = (int(rows[i]), min(a, b), max(a, b))
-        if key not in cache:
-            cache[key] = split.pair_evidence(key[0], a, b)
-        out.append(cache[key])
-    return torch.stack(out) if out else torch.empty(0)
+        if key not in found:
+            found[key] = split.pair_evidence(key[0], a, b)
+        out.append(found[key])
+    return torch.stack(out)
 
 
-def _score(maps: torch.Tensor, regions: torch.Tensor, index: torch.Tensor, fractions, seed: int) -> dict:
-    precision, recall = precision_recall(maps, regions, fractions, indices=index, seed=seed)
+def _summarise(precision: torch.Tensor, recall: torch.Tensor, fractions) -> dict:
+    """Mean curves over the maps whose region is not empty, their area, and how many maps counted."""
     valid = ~torch.isnan(recall[:, 0])
     return {
         "precision": precision[valid].mean(0).tolist() if valid.any() else [float("nan")] * len(fractions),
@@ -73,42 +79,56 @@ def _add(results: Results, score: str, variant: str, kind: str, scored: dict, fr
         results.curves.append({**base, "fraction": r, "precision": p, "recall": q, "maps": scored["maps"]})
 
 
-def evaluate(store: MapStore, cfg, dataset: Dataset, split: ImageSplit, ground_truth: bool) -> Results:
+def _score_class_variant(results: Results, cfg, split, stored, rows, classes, found, cv: str, noise) -> None:
+    """Curves and areas of every map kind over the ambiguities of one class variant, chunk by chunk."""
     ic = cfg.insecurity
     fractions = list(ic.fractions or DEFAULT_FRACTIONS)
+    p = len(rank_pairs(ic.top))
+    size = tuple(split.geometry[1:])
+    chosen = np.argwhere(found)  # (image, slot) of every ambiguity
+    if not len(chosen):
+        return
+    variants = [v for v in ic.variants if class_variant(v) == cv]
+    first = stored[set_name(ic.scores[0], variants[0])]
+    kinds = {("", cv, "class_map"): lambda part: first[part[:, 0], p + 1], ("", cv, "random"): None}
+    for v in variants:
+        for s in ic.scores:
+            maps = stored[set_name(s, v)]
+            kinds[(s, v, "insecurity")] = lambda part, maps=maps: maps[part[:, 0], part[:, 1]]
+            kinds[(s, v, "difficulty")] = lambda part, maps=maps: maps[part[:, 0], p]
+    curves: dict[tuple, list] = {kind: [] for kind in kinds}
+    step = max(1, MAP_BUDGET // (size[0] * size[1]))
+    for start in range(0, len(chosen), step):
+        part = chosen[start : start + step]
+        regions = _regions(split, rows, classes, part)
+        index = torch.as_tensor(rows[part[:, 0]] * p + part[:, 1])
+        for kind, read in kinds.items():
+            maps = (
+                torch.rand((len(part), *size), generator=noise)
+                if read is None
+                else upsample(torch.as_tensor(read(part)), size)
+            )
+            curves[kind].append(precision_recall(maps, regions, fractions, indices=index, seed=cfg.seed))
+    for (s, v, kind), parts in curves.items():
+        precision, recall = (torch.cat([part[i] for part in parts]) for i in (0, 1))
+        _add(results, s, v, kind, _summarise(precision, recall, fractions), fractions)
+
+
+def evaluate(store: MapStore, cfg, dataset: Dataset, split: ImageSplit, ground_truth: bool) -> Results:
+    ic = cfg.insecurity
     rows = store.indices
     top = torch.as_tensor(store.extra("top"))
     classes = pair_classes(top).numpy()  # [n, P, 2]
-    p = len(rank_pairs(ic.top))
     results = Results()
     class_variants = sorted({class_variant(v) for v in ic.variants})
     pairs = {cv: store.extra(f"pairs.{cv}") for cv in class_variants}
-    cache: dict = {}
     stored = {set_name(s, v): store.read(set_name(s, v)) for s in ic.scores for v in ic.variants}
     if ground_truth:
+        noise = torch.Generator().manual_seed(cfg.seed)
         for cv in class_variants:
-            chosen = np.argwhere(pairs[cv])  # (image, slot) of every ambiguity
-            regions = _regions(split, rows, classes, chosen, cache)
-            index = torch.as_tensor(rows[chosen[:, 0]] * p + chosen[:, 1])
-            if not len(chosen):
-                continue
-            variants = [v for v in ic.variants if class_variant(v) == cv]
-            first = stored[set_name(ic.scores[0], variants[0])]
-            top_class = torch.as_tensor(first[chosen[:, 0], p + 1])
-            _add(results, "", cv, "class_map", _score(top_class, regions, index, fractions, cfg.seed), fractions)
-            noise = torch.rand(regions.shape, generator=torch.Generator().manual_seed(cfg.seed))
-            _add(results, "", cv, "random", _score(noise, regions, index, fractions, cfg.seed), fractions)
-            for v in variants:
-                for s in ic.scores:
-                    maps = stored[set_name(s, v)]
-                    insecurity = torch.as_tensor(maps[chosen[:, 0], chosen[:, 1]])
-                    _add(
-                        results, s, v, "insecurity", _score(insecurity, regions, index, fractions, cfg.seed), fractions
-                    )
-                    alone = torch.as_tensor(maps[chosen[:, 0], p])
-                    _add(results, s, v, "difficulty", _score(alone, regions, index, fractions, cfg.seed), fractions)
+            _score_class_variant(results, cfg, split, stored, rows, classes, pairs[cv], cv, noise)
     results.matches = _matches(store, cfg, split, rows, top, classes, pairs)
-    results.examples = _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results, cache)
+    results.examples = _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results)
     results.summary = _summary(results, ic, ground_truth, pairs)
     return results
 
@@ -176,7 +196,7 @@ def _best(results: Results, ic) -> tuple[str, str]:
     return best["score"], best["variant"]
 
 
-def _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results, cache) -> list[dict]:
+def _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results) -> list[dict]:
     """The first images with an ambiguity (two-object ones first) under the best setting: the map of
     the pair the image was built from (when it is an ambiguity) and of the strongest pair."""
     ic = cfg.insecurity
@@ -189,16 +209,18 @@ def _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results,
     order = np.flatnonzero(best >= 0)
     order = order[np.argsort(others[order] < 0, kind="stable")]
     names = dataset.class_names
+    size = tuple(split.geometry[1:])
     out = []
     for i in order[: ic.examples]:
         label, other = int(split.labels[rows[i]]), int(others[i])
         built = [k for k in np.flatnonzero(found[i]) if sorted(classes[i, k]) == sorted((label, other))]
 
         def region(a: int, b: int, i=i):
-            key = (int(rows[i]), min(a, b), max(a, b))
-            if key not in cache:
-                cache[key] = split.pair_evidence(key[0], a, b)
-            return None if cache[key] is None else cache[key].numpy()
+            found = split.pair_evidence(int(rows[i]), a, b)
+            return None if found is None else found.numpy()
+
+        def full(slot: int, i=i) -> np.ndarray:
+            return upsample(torch.as_tensor(stored[set_name(s, v)][i, slot]), size).numpy()
 
         a, b = (int(c) for c in classes[i, best[i]])
         out.append(
@@ -206,8 +228,8 @@ def _examples(store, cfg, dataset, split, rows, classes, pairs, stored, results,
                 "image": split.read([int(rows[i])])[0].permute(1, 2, 0).numpy(),
                 "truth": names[label] + (f" + {names[other]}" if other >= 0 else ""),
                 "region": region(label, other) if other >= 0 else region(a, b),
-                "built": stored[set_name(s, v)][i, built[0]] if built else None,
-                "strongest": stored[set_name(s, v)][i, best[i]],
+                "built": full(built[0]) if built else None,
+                "strongest": full(best[i]),
                 "pair": f"{names[a]} / {names[b]}",
                 "setting": set_name(s, v),
             }
@@ -354,7 +376,7 @@ def write_outputs(out: Path, cfg, dataset, split, results: Results, summary: dic
     write_json(out / "summary.json", summary)
     lines = [
         f"# Insecurity maps: {cfg.name}\n",
-        f"- Images: {summary['images']} {ic.images} images of the {ic.split} split ({dataset.name}); "
+        f"- Images: {summary['images']} {summary['selection']} images of the {ic.split} split ({dataset.name}); "
         f"layer `{summary['layer']}`; "
         f"top {ic.top} classes, {ic.per_location} per location; ambiguous pairs per image: "
         + ", ".join(f"{cv} {n:.2f}" for cv, n in summary["pairs_per_image"].items())

@@ -24,6 +24,7 @@ import numpy as np
 
 from roar.attribution.engine import prepare_model
 from roar.attribution.gradcam import resolve_layer
+from roar.attribution.layer import layer_features
 from roar.config import RunConfig
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
@@ -38,25 +39,28 @@ from roar.stages.train import load_run_model
 HARD_TAGS = [i for i, name in enumerate(TAGS) if name != "clean"]
 
 
-def chosen_rows(split: ImageSplit, cfg: RunConfig, dataset_name: str) -> np.ndarray:
-    """The split's rows that get maps, ascending; a RoarError when the choice selects nothing."""
+def chosen_rows(split: ImageSplit, cfg: RunConfig, dataset_name: str) -> tuple[np.ndarray, str]:
+    """The split's rows that get maps, ascending, and what they are ('two_objects', 'hard', 'all');
+    a RoarError when the choice selects nothing."""
     ic = cfg.insecurity
-    if ic.images == "all":
+    images = ic.images
+    if images == "auto":
+        tagged = split.tags is not None and bool((split.tags == TAGS.index("two_objects")).any())
+        images = "two_objects" if tagged else "all"
+    if images == "all":
         rows = np.arange(len(split))
     else:
         if split.tags is None:
             raise RoarError(
-                f"insecurity.images: dataset '{dataset_name}' tags no examples as {ic.images}; "
-                "set insecurity.images: all"
+                f"insecurity.images: dataset '{dataset_name}' tags no examples as {images}; set insecurity.images: all"
             )
-        tags = split.tags.numpy()
-        wanted = [TAGS.index("two_objects")] if ic.images == "two_objects" else HARD_TAGS
-        rows = np.flatnonzero(np.isin(tags, wanted))
+        wanted = [TAGS.index("two_objects")] if images == "two_objects" else HARD_TAGS
+        rows = np.flatnonzero(np.isin(split.tags.numpy(), wanted))
     if not len(rows):
-        raise RoarError(f"insecurity.images: the {ic.split} split has no {ic.images} images")
+        raise RoarError(f"insecurity.images: the {ic.split} split has no {images} images")
     if ic.max_images is not None and ic.max_images < len(rows):
         rows = np.sort(np.random.default_rng([cfg.seed, 23]).choice(rows, size=ic.max_images, replace=False))
-    return rows
+    return rows, images
 
 
 def run(cfg: RunConfig) -> StageResult:
@@ -67,10 +71,11 @@ def run(cfg: RunConfig) -> StageResult:
     dataset = build_dataset(cfg.dataset)
     trained, _, model_path = load_run_model(cfg, dataset, device)
     split = dataset.split(ic.split)
-    rows = chosen_rows(split, cfg, dataset.name)
+    rows, selection = chosen_rows(split, cfg, dataset.name)
     probe = split.read(rows[:16]).float().div_(255).to(device)
     model = prepare_model(trained, device, probe=probe)
     layer_name, layer = resolve_layer(model, ic.layer, probe)
+    feature_size = tuple(layer_features(model, probe[:1], layer)[1].shape[2:])
     ground_truth = split.pair_evidence(int(rows[0]), 0, 1) is not None
     inputs = {
         "model": file_hash(model_path),
@@ -83,7 +88,9 @@ def run(cfg: RunConfig) -> StageResult:
         if "hp" in ic.scores:
             predictors = ensure_predictors(out / "hardness", ic, cfg.seed, model, split, layer, inputs, device)
         t_maps = time.perf_counter()
-        written = store.write_maps(out / "maps.h5", cfg, dataset, split, rows, model, layer, inputs, predictors, device)
+        written = store.write_maps(
+            out / "maps.h5", cfg, dataset, split, rows, model, layer, inputs, predictors, device, feature_size
+        )
         t_maps = time.perf_counter() - t_maps
         record_run(out, cfg, {"dataset": inputs["dataset"], "model": inputs["model"]}, device)
         with store.open_maps(out / "maps.h5") as maps:
@@ -91,7 +98,7 @@ def run(cfg: RunConfig) -> StageResult:
         notes = [n for n in (predictors.note if predictors else "", written["note"]) if n]
         summary = {
             "images": len(rows),
-            "selection": ic.images,
+            "selection": selection,
             "split": ic.split,
             "layer": layer_name,
             "scores": ic.scores,

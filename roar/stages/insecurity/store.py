@@ -1,12 +1,15 @@
 """The insecurity maps of a run, in ``<run>/insecurity/maps.h5`` through the array store.
 
 Layout. Row i is the i-th chosen image (``indices`` holds its row in the split). One array set per
-score × variant, named ``<score>.<variant>`` (``hp.2ndg``), holds P + 2 maps of the image's size:
+score × variant, named ``<score>.<variant>`` (``hp.2ndg``), holds P + 2 maps at the layer's
+resolution h×w (readers bring them to the image's size with ``roar.insecurity.ambiguity.upsample``,
+the bilinear upsampling the paper applies to the product: storing them before it costs
+(H·W)/(h·w) less, 1024× for ResNet-50's 7×7 maps of 224×224 images):
 
 * slots 0 … P−1: the insecurity map of each rank pair (``roar.insecurity.ambiguity.rank_pairs``;
   P = 10 for the top 5 classes), exactly 0 for a pair that is no ambiguity of the image;
-* slot P: the difficulty map D alone, upsampled (a baseline);
-* slot P+1: the class map of the top class alone, upsampled (a baseline).
+* slot P: the difficulty map D alone (a baseline);
+* slot P+1: the class map of the top class alone (a baseline).
 
 Each slot is divided by its own maximum before it is stored: the evaluation only ranks pixels
 within a map, and a common float16 scale for maps whose magnitudes differ by orders (A·A·D
@@ -27,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import roar
@@ -39,7 +41,7 @@ from roar.insecurity.maps import SCORES, DeliberationMaps, deliberation_maps, pr
 from roar.store import MapStore, StoreWriter, staging_path
 
 RERUN = "roar insecurity"
-LAYOUT = "pairs, difficulty, top class"
+LAYOUT = "pairs, difficulty, top class; at the layer's resolution"
 
 
 def class_variant(variant: str) -> str:
@@ -51,11 +53,11 @@ def set_name(score: str, variant: str) -> str:
     return f"{score}.{variant}"
 
 
-def _plan(cfg, split: ImageSplit, rows: np.ndarray, inputs: dict, predictors) -> dict:
+def _plan(cfg, rows: np.ndarray, inputs: dict, predictors, feature_size: tuple[int, int]) -> dict:
     """Everything that shapes the stored maps, the extras declared, and the array sets."""
     ic = cfg.insecurity
     p = len(rank_pairs(ic.top))
-    h, w = split.geometry[1:]
+    h, w = feature_size
     class_variants = sorted({class_variant(v) for v in ic.variants})
     identity = {
         **inputs,
@@ -88,6 +90,7 @@ def _discard_stale(path: Path, plan: dict, dataset_fingerprint: str, n: int) -> 
             recorded = {
                 **{k: v for k, v in old.identity.items() if k != "extras"},
                 "images": old.n,
+                "geometry": list(old.geometry),
                 "dataset_fingerprint": old.attrs.get("dataset_fingerprint"),
                 "sets": sorted(old.methods),
             }
@@ -96,6 +99,7 @@ def _discard_stale(path: Path, plan: dict, dataset_fingerprint: str, n: int) -> 
     current = {
         **plan["identity"],
         "images": n,
+        "geometry": list(plan["geometry"]),
         "dataset_fingerprint": dataset_fingerprint,
         "sets": sorted(plan["sets"]),
     }
@@ -108,12 +112,12 @@ def _discard_stale(path: Path, plan: dict, dataset_fingerprint: str, n: int) -> 
 
 
 def write_maps(
-    path: Path, cfg, dataset: Dataset, split: ImageSplit, rows, model, layer, inputs, predictors, device
+    path: Path, cfg, dataset: Dataset, split: ImageSplit, rows, model, layer, inputs, predictors, device, feature_size
 ) -> dict:
     """Compute and store every chosen image's maps, resuming a killed run; returns
     ``{"computed": images computed now, "note": why an old store was discarded, or ''}``."""
     ic = cfg.insecurity
-    plan = _plan(cfg, split, rows, inputs, predictors)
+    plan = _plan(cfg, rows, inputs, predictors, feature_size)
     fp = split.fingerprint()
     note = _discard_stale(path, plan, fp, len(rows))
     writer = StoreWriter(
@@ -148,11 +152,6 @@ def write_maps(
 
 def open_maps(path: Path) -> MapStore:
     return MapStore.open(path, rerun=RERUN)
-
-
-def _upsampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, h, w] → [B, H, W], bilinear as the insecurity maps are."""
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def _unit_max(maps: torch.Tensor) -> torch.Tensor:
@@ -201,7 +200,6 @@ def chunk_maps(cfg, split, chunk: np.ndarray, model, layer, predictors, device, 
     """The stored maps and extra row arrays of the images at ``chunk`` (rows of the split)."""
     ic = cfg.insecurity
     images = split.read(chunk).to(device).float().div_(255)
-    size = tuple(images.shape[2:])
     folds = predictors.fold_of[chunk] if predictors is not None else np.full(len(chunk), -1)
     d = _deliberation(cfg, images, model, layer, folds, predictors)
     pairs = {cv: ambiguous_pairs(d.class_maps[cv], ic.per_location) for cv in {class_variant(v) for v in ic.variants}}
@@ -218,13 +216,13 @@ def chunk_maps(cfg, split, chunk: np.ndarray, model, layer, predictors, device, 
         for v in ic.variants:
             cv = class_variant(v)
             difficulty = d.difficulty[(s, v)]
-            insecurity = insecurity_maps(d.class_maps[cv], difficulty, pairs[cv], size=size)
+            insecurity = insecurity_maps(d.class_maps[cv], difficulty, pairs[cv])
             extras[f"totals.{set_name(s, v)}"] = insecurity.double().sum(dim=(2, 3)).float().cpu().numpy()
             slots = torch.cat(
                 [
                     _unit_max(insecurity.float()),
-                    _unit_max(_upsampled(difficulty, size))[:, None],
-                    _unit_max(_upsampled(d.class_maps[cv][:, 0], size))[:, None],
+                    _unit_max(difficulty.float())[:, None],
+                    _unit_max(d.class_maps[cv][:, 0].float())[:, None],
                 ],
                 dim=1,
             )
