@@ -103,13 +103,13 @@ def test_rerun_reuses_everything_and_a_changed_setting_recomputes(finished, tmp_
 
 
 def test_kill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tmp_path):
-    # the maps of 341 images fill a store chunk (the unit of resumption): 800 training images are 3 chunks
+    # maps at layer1 (32×32) fill a store chunk (the unit of resumption) with 21 images: 64 images are 4 chunks
     extra = [
-        "insecurity.split=train",
+        "insecurity.layer=layer1",
         "insecurity.images=all",
-        "insecurity.max_images=800",
-        "insecurity.scores=[cs]",  # the hardness predictors' own resumption: test_insecurity_hardness
-        "insecurity.variants=[gradient, 2ndg]",
+        "insecurity.max_images=64",
+        "insecurity.scores=[cs, entropy]",  # the hardness predictors' own resumption: test_insecurity_hardness
+        "insecurity.variants=[gradient]",
     ]
     killed_cfg, killed_sets = run_copy(trained_run, tmp_path, "killed", extra)
     straight_cfg, _ = run_copy(trained_run, tmp_path, "straight", extra)
@@ -127,10 +127,10 @@ def test_kill_then_resume_gives_the_maps_of_an_uninterrupted_run(trained_run, tm
     proc.wait()
     assert not path.exists(), "the stage finished before it could be killed"
     with MapStore.open(path, require_complete=False) as partial:
-        assert 0 < partial.method_info("cs.2ndg")["rows_done"] < partial.n
+        assert 0 < partial.method_info("entropy.gradient")["rows_done"] < partial.n
     resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "800 all images" in resumed.stdout
+    assert "64 all images" in resumed.stdout
     stage.run(straight_cfg)
     with open_maps(path) as a, open_maps(straight_cfg.run_dir / "insecurity" / "maps.h5") as b:
         assert a.methods == b.methods
