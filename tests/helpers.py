@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from roar.attribution import create
 from roar.metrics import INPUTS
 from roar.models.base import Classifier
 from roar.models.resnet8 import ResNet8
@@ -69,6 +70,8 @@ def full_batch(n: int = 6, size: int = 8, classes: int = 4) -> dict:
         "model": nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, classes)).eval(),
         "clean": torch.rand(n, classes, generator=g).softmax(1),
         "perturbed": torch.rand(n, classes, generator=g).softmax(1),
+        "targets": torch.randint(0, classes, (n,), generator=g),
+        "method": create("gradient"),
     }
     inputs["maps"][0] = 1.0  # a flat map: its top pixels come from the tie-break alone
     assert set(inputs) == set(INPUTS)
@@ -76,4 +79,4 @@ def full_batch(n: int = 6, size: int = 8, classes: int = 4) -> dict:
 
 
 def rows(inputs: dict, index) -> dict:
-    return {k: v if k == "model" else v[index] for k, v in inputs.items()}
+    return {k: v if k in ("model", "method") else v[index] for k, v in inputs.items()}
