@@ -71,6 +71,12 @@ def cmd_vog(args) -> str:
     return stage.run(_load(args)).summary()
 
 
+def cmd_metrics(args) -> str:
+    from roar.stages import metrics
+
+    return metrics.run(_load(args)).summary()
+
+
 def cmd_insecurity(args) -> str:
     from roar.stages.insecurity import stage
 
@@ -172,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vog", help="VoG example difficulty and peer scores over the training snapshots (task vog)")
     _config_args(p)
     p.set_defaults(func=cmd_vog)
+
+    p = sub.add_parser(
+        "metrics",
+        help="localisation, randomisation, complexity and robustness metrics, and which to trust (task metrics)",
+    )
+    _config_args(p)
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser(
         "insecurity", help="deliberative insecurity maps: where the model is torn between two classes (task insecurity)"

@@ -58,6 +58,13 @@ def run_copy(trained_run, tmp_path, name, overrides=()):
     return load_config(smoke, sets), sets
 
 
+def _seeded(build):
+    """``build()`` under a fixed seed, leaving the global random state as it was: the same model every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build()
+
+
 def full_batch(n: int = 6, size: int = 8, classes: int = 4) -> dict:
     """Every input of ``INPUTS`` for a batch, so one set of keywords serves every metric."""
     g = torch.Generator().manual_seed(5)
@@ -67,7 +74,7 @@ def full_batch(n: int = 6, size: int = 8, classes: int = 4) -> dict:
         "indices": torch.arange(10, 10 + n),
         "maps": torch.randn(n, size, size, generator=g),
         "masks": torch.rand(n, size, size, generator=g) > 0.6,
-        "model": nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, classes)).eval(),
+        "model": _seeded(lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, classes)).eval()),
         "clean": torch.rand(n, classes, generator=g).softmax(1),
         "perturbed": torch.rand(n, classes, generator=g).softmax(1),
         "targets": torch.randint(0, classes, (n,), generator=g),

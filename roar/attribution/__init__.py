@@ -18,6 +18,7 @@ from roar.attribution import (  # noqa: F401
     integrated,
     lime,
     noise,
+    oracle,
     pattern_methods,
     perturbation,
 )

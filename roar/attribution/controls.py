@@ -7,7 +7,9 @@ finding edges. ``ground_truth`` is the oracle at the other end: on datasets with
 (``shapes``), the labelled object itself.
 
 All three ignore the model (``requires_model = False``) and return [B, 1, H, W] float32 maps;
-``ground_truth`` declares that it needs the dataset's masks (``needs``).
+``ground_truth`` declares that it needs the dataset's masks (``needs``). Explanations of graded
+quality between the oracle and random (the oracle blurred, dilated, shuffled) are in
+``roar.attribution.oracle``; they start from the same ``oracle_mask``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ class Sobel(Attribution):
         return sobel_magnitude(images)
 
 
+def oracle_mask(images: torch.Tensor, context, name: str) -> torch.Tensor:
+    """The labelled object (``context.masks == 1``) as a [B, 1, H, W] float32 map, 1 on it and 0 elsewhere.
+
+    Shared by ``ground_truth`` and its degradations (``roar.attribution.oracle``), so that every
+    one of them starts from the same map and refuses a batch without masks in the same words."""
+    masks = context.masks if context is not None else None
+    if masks is None:
+        raise RoarError(f"{name} needs a dataset with object masks (e.g. shapes)")
+    masks = torch.as_tensor(masks)
+    expected = (len(images), *images.shape[2:])
+    if tuple(masks.shape) != expected:
+        raise RoarError(f"{name}: masks have shape {tuple(masks.shape)}, expected [B, H, W] = {list(expected)}")
+    return (masks == 1).to(device=images.device, dtype=torch.float32).unsqueeze(1)
+
+
 @register
 class GroundTruth(Attribution):
     """The labelled object's mask (``context.masks == 1``) as a map: 1 on it, 0 elsewhere."""
@@ -83,13 +100,4 @@ class GroundTruth(Attribution):
     needs = frozenset({"masks"})
 
     def attribute(self, model, images: torch.Tensor, targets: torch.Tensor, *, generator, context) -> torch.Tensor:
-        masks = context.masks if context is not None else None
-        if masks is None:
-            raise RoarError("ground_truth needs a dataset with object masks (e.g. shapes)")
-        masks = torch.as_tensor(masks)
-        expected = (len(images), *images.shape[2:])
-        if tuple(masks.shape) != expected:
-            raise RoarError(
-                f"ground_truth: masks have shape {tuple(masks.shape)}, expected [B, H, W] = {list(expected)}"
-            )
-        return (masks == 1).to(device=images.device, dtype=torch.float32).unsqueeze(1)
+        return oracle_mask(images, context, self.name)

@@ -3,6 +3,7 @@
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig, MethodEntry
 from roar.config.insecurity import HardnessConfig, InsecurityConfig
+from roar.config.metrics import MetricEntry, MetricsConfig
 from roar.config.patterns import PatternsConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.run import (
@@ -25,6 +26,8 @@ __all__ = [
     "HardnessConfig",
     "InsecurityConfig",
     "MethodEntry",
+    "MetricEntry",
+    "MetricsConfig",
     "PatternsConfig",
     "RetrainConfig",
     "RunConfig",

@@ -3,7 +3,8 @@
 ``load_config("configs/demo.yaml", ["training.epochs=3"])`` returns a validated ``RunConfig``.
 Every problem (an unknown or misspelt key, a wrong type, an impossible value) is reported as a
 ``RoarError`` whose one line names the dotted key. Each stage's section lives in its own module
-of this package (``extract``, ``retrain``, ``curves``, ``vog``, ``insecurity``; ``training`` in ``roar.training``).
+of this package (``extract``, ``retrain``, ``curves``, ``vog``, ``insecurity``, ``metrics``;
+``training`` in ``roar.training``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from roar.config.curves import CurvesConfig
 from roar.config.extract import AttributionConfig
 from roar.config.insecurity import InsecurityConfig
+from roar.config.metrics import MetricsConfig
 from roar.config.patterns import PatternsConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
@@ -62,6 +64,7 @@ class RunConfig(Section):
     curves: CurvesConfig = Field(default_factory=CurvesConfig)
     vog: VogConfig = Field(default_factory=VogConfig)
     insecurity: InsecurityConfig = Field(default_factory=InsecurityConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="before")
     @classmethod
