@@ -34,6 +34,13 @@ EXPECTED = {
         "| ResNet8 16/32/64 | `cs`, `entropy`, `hp` at once |",
         "all ≤ 1e-05: yes",  # 2ndG − gradient equals ½|q| from layer_quadratic
     ],
+    "metrics": [
+        "## Metrics: roar against Quantus",
+        "| `pointing_game` | `PointingGame` | roar `tolerance=0` |",
+        "| `model_randomisation` | `MPRT` |",
+        "| `max_sensitivity` | `MaxSensitivity` |",
+        "all ≤ 1e-05: yes",  # roar's values equal Quantus's on the same inputs
+    ],
 }
 
 

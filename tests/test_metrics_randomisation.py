@@ -13,7 +13,6 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from roar.attribution import create
-from roar.attribution.reduce import reduce_map
 from roar.metrics import METRICS
 from roar.metrics.randomisation import (
     barely_changes,
@@ -24,11 +23,11 @@ from roar.metrics.randomisation import (
     other_classes,
     pearson,
     randomised,
-    reduce_channels,
     spearman,
     ssim,
 )
 from roar.metrics.robustness import uniform_noise
+from roar.perturb.reduce import reduce_map
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
@@ -134,12 +133,6 @@ def test_the_randomisation_is_seeded_and_capped_by_layers():
 
 
 # ---------------------------------------------------------------------------------------------- similarities
-
-
-def test_channel_reduction_matches_the_extractions():
-    raw = torch.randn(B, C, H, W)
-    for how in ("sum_squares", "sum_abs", "max_abs"):
-        assert torch.equal(reduce_channels(raw, how), reduce_map(raw, how, C))
 
 
 def test_spearman_equals_scipys_with_ties():

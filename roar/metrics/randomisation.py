@@ -79,6 +79,7 @@ from torch import nn
 from roar.core.errors import RoarError
 from roar.metrics.base import Metric, MetricConfig, register
 from roar.perturb.fills import noise_seed
+from roar.perturb.reduce import reduce_map
 
 SIMILARITIES = ("spearman", "ssim", "hog")
 ORDERS = ("cascading", "independent")
@@ -175,18 +176,6 @@ class MethodContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def reduce_channels(maps: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, C|1, H, W] → [B, H, W] as ``roar.attribution.reduce.reduce_map`` (kept equal by a test:
-    ``roar.metrics`` may not import it)."""
-    if how == "sum_squares":
-        return maps.float().square().sum(1)
-    if how == "sum_abs":
-        return maps.float().abs().sum(1)
-    if how == "max_abs":
-        return maps.float().abs().amax(1)
-    raise ValueError(f"unknown reduction {how!r}")
-
-
 def recompute(
     method,
     model: nn.Module,
@@ -205,7 +194,7 @@ def recompute(
     """
     context = MethodContext(indices=indices, masks=masks)
     raw = method(model, images, targets, generator=torch.Generator().manual_seed(seed), context=context)
-    return reduce_channels(raw, reduction).to(images.device)
+    return reduce_map(raw, reduction, raw.shape[1]).to(images.device)
 
 
 # ---------------------------------------------------------------------------------------------- similarities

@@ -21,13 +21,13 @@ from tqdm import tqdm
 
 from roar.attribution import METHODS, Attribution, Context, PluginAttribution, create
 from roar.attribution.engine import predict, prepare_model
-from roar.attribution.reduce import reduce_map
 from roar.config import MethodEntry, RunConfig
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
 from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
+from roar.perturb.reduce import reduce_map
 from roar.stages.patterns import ensure as ensure_patterns
 from roar.stages.patterns import stale_reason
 from roar.stages.result import StageResult
