@@ -407,9 +407,10 @@ def render(command: str, result: dict, s: Settings, load_start: float, load_end:
         "Where the time goes: Quantus 0.6 computes most of these metrics on the whole batch in numpy (one "
         "`argsort` per row for the ranks, one `sort` for the Gini index), the AUC image by image (scikit-learn's "
         "`roc_curve` and `auc`), and pays a fixed cost per `__call__` (checks, preprocessing, wrapping the "
-        "model). roar's `pointing_game`, `relevance_rank` and `top_k_intersection` rank every pixel with the "
-        "seeded tie-break of `roar.perturb.ranking` (a 63-bit hash per pixel and two stable sorts), which keeps "
-        "them deterministic under ties and costs about as much as Quantus's plain `argsort`. Randomisation and "
+        "model). roar's `relevance_rank` and `top_k_intersection` rank every pixel with the seeded tie-break "
+        "of `roar.perturb.ranking` (a 63-bit hash per pixel and two stable sorts), which keeps them "
+        "deterministic under ties and costs about as much as Quantus's plain `argsort`; `pointing_game` needs "
+        "only the tie-broken maximum (`top_position`: the hash and one pass, no sort). Randomisation and "
         "sensitivity spend most of both sides' time in the method's own passes (one gradient of the batch per "
         "layer, per sample), the same on both sides; roar's `model_randomisation` also computes its SSIM and HOG "
         "companions at every layer, Quantus's `MPRT` the maps of the unrandomised model once more.",

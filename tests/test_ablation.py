@@ -367,3 +367,16 @@ def test_no_loop_per_image_or_pixel(granularity):
     small = _pipeline(1, 4, 5, granularity)
     large = _pipeline(48, 16, 12, granularity)
     assert small == large
+
+
+def test_top_position_is_the_first_of_the_ranking_with_ties_and_in_any_batch():
+    from roar.perturb.ranking import ranking, top_position
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.randint(0, 4, (32, 7, 9), generator=g).float()  # many tied maxima
+    maps[0] = 2.0  # a flat map: the tie-break alone decides
+    indices = torch.arange(100, 132)
+    for seed in (0, 5):
+        expected = ranking(maps, indices, seed)[:, 0]
+        assert torch.equal(top_position(maps, indices, seed), expected)
+        assert torch.equal(top_position(maps[3:4], indices[3:4], seed), expected[3:4])

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from roar.metrics.base import Metric, MetricConfig, register
-from roar.perturb.ranking import count, ranking, ranks
+from roar.perturb.ranking import count, ranks, top_position
 
 NEEDS = frozenset({"maps", "masks"})
 
@@ -117,7 +117,7 @@ class PointingGame(Metric):
         self, *, maps: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor, **_: Any
     ) -> dict[str, torch.Tensor]:
         h, w = maps.shape[-2:]
-        top = ranking(maps, indices, self.params.seed)[:, 0]  # [B], flat index of the (tie-broken) maximum
+        top = top_position(maps, indices, self.params.seed)  # [B], flat index of the (tie-broken) maximum
         rows = torch.arange(h, device=maps.device)[None, :, None] - (top // w)[:, None, None]
         cols = torch.arange(w, device=maps.device)[None, None, :] - (top % w)[:, None, None]
         near = rows**2 + cols**2 <= self.params.tolerance**2  # [B, H, W], the disk around the maximum

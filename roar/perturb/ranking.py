@@ -140,6 +140,19 @@ def ranking(maps: torch.Tensor, indices: torch.Tensor, seed: int, granularity: s
     return by_key.gather(1, by_value)
 
 
+def top_position(maps: torch.Tensor, indices: torch.Tensor, seed: int, granularity: str = "pixel") -> torch.Tensor:
+    """``ranking(maps, indices, seed, granularity)[:, 0]``, the flat index of each map's most relevant
+    position, [B], in one pass instead of a sort: among the positions holding the maximum, the one
+    with the smallest tie-break key (the pointing game asks for nothing more)."""
+    maps = _positions(maps, granularity)
+    values = maps.reshape(maps.shape[0], -1)
+    keys = tie_break_keys(indices, values.shape[1], seed, values.device)
+    if keys.shape[0] != values.shape[0]:
+        raise ValueError(f"{keys.shape[0]} indices for {values.shape[0]} maps")
+    at_max = values == values.amax(1, keepdim=True)
+    return keys.masked_fill(~at_max, torch.iinfo(torch.int64).max).argmin(1)
+
+
 def ranks(maps: torch.Tensor, indices: torch.Tensor, seed: int, granularity: str = "pixel") -> torch.Tensor:
     """The rank of every position (0 = most relevant), int64, shaped [B, 1, H, W] (pixel) or [B, C, H, W] (element).
 
