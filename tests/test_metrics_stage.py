@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from roar.config.metrics import MetricEntry
 from roar.core.errors import RoarError
 from roar.core.tables import read_csv
 from roar.stages import metrics
@@ -124,3 +125,23 @@ def test_retraining_and_curves_are_judged_when_their_results_hold_the_controls(t
     # seed 0 is perfect (1); seed 1 gets 2 of the 9 known pairs wrong: (9 − 2 − 2) / 9
     assert roar["tau"] == pytest.approx((1 + 5 / 9) / 2) and roar["samples"] == 2
     assert known["MORF (curves_road)"]["tau"] == 1.0 and known["LERF (curves_road)"]["tau"] == 1.0
+
+
+def test_plugin_methods_with_metrics_that_recompute_maps_are_refused_before_anything_is_written(
+    extracted, tmp_path, monkeypatch
+):
+    cfg, _ = extracted
+    monkeypatch.setattr(metrics, "_method_of", lambda identity: None)  # every stored method a plug-in
+    other = cfg.model_copy(
+        update={
+            "output_dir": tmp_path / "p",
+            "metrics": cfg.metrics.model_copy(update={"metrics": [MetricEntry(name="max_sensitivity")]}),
+        }
+    )
+    import shutil
+
+    shutil.copytree(cfg.run_dir / "train", tmp_path / "p" / "train")
+    shutil.copytree(cfg.run_dir / "attributions", tmp_path / "p" / "attributions")
+    with pytest.raises(RoarError, match="max_sensitivity recompute maps, which plug-in"):
+        metrics.run(other)
+    assert not (tmp_path / "p" / "metrics").exists()

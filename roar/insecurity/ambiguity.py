@@ -165,10 +165,14 @@ def strongest_pair(insecurity: torch.Tensor, pairs: torch.Tensor) -> torch.Tenso
     """
     if insecurity.ndim != 4:
         raise ValueError(f"insecurity maps must be [B, P, H, W], got {tuple(insecurity.shape)}")
-    b, p = insecurity.shape[:2]
-    _check_pairs(pairs, b, p)
-    totals = insecurity.to(torch.float64).sum(dim=(2, 3)).masked_fill(~pairs, -torch.inf)
-    best = totals.argmax(dim=1)
+    return strongest_slot(insecurity.to(torch.float64).sum(dim=(2, 3)), pairs)
+
+
+def strongest_slot(totals: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the slot of the largest total [B, P] among the image's ambiguities, −1 for none
+    (``strongest_pair`` from totals already summed, e.g. those a store keeps)."""
+    _check_pairs(pairs, *totals.shape)
+    best = totals.masked_fill(~pairs, -torch.inf).argmax(dim=1)
     return torch.where(pairs.any(dim=1), best, torch.full_like(best, -1))
 
 

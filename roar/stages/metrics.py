@@ -103,6 +103,13 @@ def run(cfg: RunConfig) -> StageResult:
         identities = {m: store.identity_of(m) for m in methods}
         target = store.identity.get("target", "predicted")
         reduction = store.identity.get("reduction", "sum_squares")
+    recomputing = [e.name for e in entries if "method" in METRICS.get(e.name).needs]
+    plugins = [m for m in methods if _method_of(identities[m]) is None]
+    if recomputing and plugins:
+        raise RoarError(
+            f"metrics.metrics: {', '.join(recomputing)} recompute maps, which plug-in method(s) "
+            f"{', '.join(plugins)} cannot; leave them out with metrics.methods or metrics.metrics"
+        )
     model_hash = trained_model_hash(cfg)
     rows = subset(len(split), mc.max_images, cfg.seed)
     base = {
@@ -236,11 +243,8 @@ def _compute(cfg, dataset, split, model, rows, todo, identities, stored, inputs_
     with open_maps(cfg, dataset, mc.split) as store:
         predictions = torch.as_tensor(store.predictions)
         for method, entries in by_method.items():
-            attribution = _method_of(identities[method])
+            attribution = _method_of(identities[method])  # None only for plug-ins, refused above when needed
             metrics = [(e, _build(e, reduction)) for e in entries]
-            needing = [e.name for e, m in metrics if "method" in m.needs]
-            if needing and attribution is None:
-                raise RoarError(f"{', '.join(needing)} recompute maps, which plug-in method '{method}' cannot")
             values: dict[str, dict[str, list[torch.Tensor]]] = {e.name: {} for e, _ in metrics}
             maps_all = torch.as_tensor(store.read_rows(method, rows.numpy()))
             for start in range(0, len(rows), mc.batch_size):

@@ -26,7 +26,7 @@ from roar.core.plots import pyplot, save_figure
 from roar.core.provenance import write_json
 from roar.core.tables import write_csv
 from roar.data import Dataset, ImageSplit
-from roar.insecurity.ambiguity import pair_classes, rank_pairs, upsample
+from roar.insecurity.ambiguity import pair_classes, rank_pairs, strongest_slot, upsample
 from roar.insecurity.evaluation import DEFAULT_FRACTIONS, pr_area, precision_recall
 from roar.stages.insecurity.store import class_variant, set_name
 from roar.store import MapStore
@@ -135,8 +135,7 @@ def evaluate(store: MapStore, cfg, dataset: Dataset, split: ImageSplit, ground_t
 
 def _strongest(totals: np.ndarray, found: np.ndarray) -> np.ndarray:
     """The slot with the largest total insecurity among the image's ambiguities, -1 for none."""
-    masked = np.where(found, totals, -np.inf)
-    return np.where(found.any(1), masked.argmax(1), -1)
+    return strongest_slot(torch.as_tensor(totals), torch.as_tensor(found)).numpy()
 
 
 def _matches(store, cfg, split, rows, top, classes, pairs) -> list[dict]:
