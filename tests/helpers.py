@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from roar.attribution import create
+from roar.attribution import Context, create, explainer
 from roar.metrics import INPUTS
 from roar.models.base import Classifier
 from roar.models.resnet8 import ResNet8
@@ -78,12 +78,18 @@ def full_batch(n: int = 6, size: int = 8, classes: int = 4) -> dict:
         "clean": torch.rand(n, classes, generator=g).softmax(1),
         "perturbed": torch.rand(n, classes, generator=g).softmax(1),
         "targets": torch.randint(0, classes, (n,), generator=g),
-        "method": create("gradient"),
     }
+    inputs["explain"] = gradient_explainer(inputs["indices"])
     inputs["maps"][0] = 1.0  # a flat map: its top pixels come from the tie-break alone
     assert set(inputs) == set(INPUTS)
     return inputs
 
 
+def gradient_explainer(indices: torch.Tensor):
+    """The gradient, bound to a batch of these dataset indices as a stage binds it."""
+    return explainer(create("gradient"), "sum_squares", 0, Context(indices=indices))
+
+
 def rows(inputs: dict, index) -> dict:
-    return {k: v if k in ("model", "method") else v[index] for k, v in inputs.items()}
+    out = {k: v if k in ("model", "explain") else v[index] for k, v in inputs.items()}
+    return {**out, "explain": gradient_explainer(out["indices"])}

@@ -380,3 +380,23 @@ def test_top_position_is_the_first_of_the_ranking_with_ties_and_in_any_batch():
         expected = ranking(maps, indices, seed)[:, 0]
         assert torch.equal(top_position(maps, indices, seed), expected)
         assert torch.equal(top_position(maps[3:4], indices[3:4], seed), expected[3:4])
+
+
+@pytest.mark.parametrize("levels", [2, 5, 1000])
+def test_top_mask_is_the_ranking_cut_at_k_with_ties_and_in_any_batch(levels):
+    """The topk shortcut selects exactly the positions the full seeded ranking puts first, for any k
+    per image (0, P, and in between), however many values tie at the boundary."""
+    from roar.perturb.ranking import ranks, top_mask
+
+    g = torch.Generator().manual_seed(levels)
+    maps = torch.randint(0, levels, (24, 6, 7), generator=g).float()
+    maps[0] = 1.0  # a flat map: the tie-break alone decides
+    indices = torch.arange(50, 74)
+    k = torch.randint(0, 43, (24,), generator=g)
+    k[1], k[2] = 0, 42
+    for seed in (0, 9):
+        expected = ranks(maps, indices, seed).flatten(1) < k[:, None]
+        got = top_mask(maps, indices, seed, k)
+        assert torch.equal(got, expected)
+        assert torch.equal(top_mask(maps[5:8], indices[5:8], seed, k[5:8]), expected[5:8])
+    assert torch.equal(top_mask(maps, indices, 0, 3).sum(1), torch.full((24,), 3))

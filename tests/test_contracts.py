@@ -27,7 +27,7 @@ import math
 
 import pytest
 import torch
-from helpers import full_batch, rows
+from helpers import full_batch, gradient_explainer, rows
 from PIL import Image
 from torch import nn
 
@@ -647,7 +647,8 @@ def test_model_gives_an_image_the_same_logits_in_any_batch(models, name):
 
 
 def on(inputs: dict, device: str) -> dict:
-    return {k: v if k == "method" else v.to(device) for k, v in inputs.items()}
+    out = {k: v if k == "explain" else v.to(device) for k, v in inputs.items()}
+    return {**out, "explain": gradient_explainer(out["indices"])}
 
 
 @pytest.mark.parametrize("device", DEVICES)

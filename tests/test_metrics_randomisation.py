@@ -12,7 +12,7 @@ from skimage.feature import hog
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from roar.attribution import create
+from roar.attribution import Context, create, explainer
 from roar.metrics import METRICS
 from roar.metrics.randomisation import (
     barely_changes,
@@ -69,7 +69,13 @@ def batch(model: nn.Module, method=None) -> dict:
     method = method or create("gradient")
     maps = reduce_map(method(model, images, targets), "sum_squares", C)
     indices = torch.arange(20, 20 + B)
-    return {"model": model, "images": images, "targets": targets, "maps": maps, "method": method, "indices": indices}
+    explain = bound(method, indices)
+    return {"model": model, "images": images, "targets": targets, "maps": maps, "explain": explain, "indices": indices}
+
+
+def bound(method, indices: torch.Tensor):
+    """``method`` as the metrics stage binds it to a batch (the store's reduction, a fixed generator)."""
+    return explainer(method, "sum_squares", 0, Context(indices=indices))
 
 
 def states(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -242,7 +248,7 @@ def test_the_sensitivity_of_an_all_zero_map_is_zero_if_it_stays_zero_else_one():
     """Quantus divides by ‖m(x)‖ = 0; ``roar metrics`` refuses values that are not finite."""
     inputs = batch(conv_model(), lambda model, images, targets, **_: torch.zeros(len(images), 1, H, W))
     assert torch.equal(METRICS.create("max_sensitivity").evaluate_batch(**inputs)["max_sensitivity"], torch.zeros(B))
-    inputs["method"] = create("gradient")
+    inputs["explain"] = bound(create("gradient"), inputs["indices"])
     assert torch.equal(METRICS.create("avg_sensitivity").evaluate_batch(**inputs)["avg_sensitivity"], torch.ones(B))
 
 
@@ -316,3 +322,15 @@ def test_sensitivity_matches_quantus_on_the_same_noise(name, cls):
     )
     assert next(step, None) is None, "Quantus asked for a different number of samples"
     np.testing.assert_allclose(ours.numpy(), np.asarray(theirs), rtol=1e-5)
+
+
+def test_only_the_chosen_similarities_are_computed_and_they_give_the_same_values():
+    inputs = batch(conv_model())
+    every = METRICS.create("model_randomisation", layers=3).evaluate_batch(**inputs)
+    only = METRICS.create("model_randomisation", layers=3, similarities=["spearman"]).evaluate_batch(**inputs)
+    assert "model_randomisation_hog" in every and "model_randomisation_hog" not in only
+    assert "model_randomisation_ssim" not in only
+    for key, value in only.items():
+        assert torch.equal(value, every[key]), key
+    with pytest.raises(ValueError, match="similarity 'ssim' must be one of similarities"):
+        METRICS.create("model_randomisation", similarity="ssim", similarities=["spearman"])

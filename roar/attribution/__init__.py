@@ -22,7 +22,7 @@ from roar.attribution import (  # noqa: F401
     pattern_methods,
     perturbation,
 )
-from roar.attribution.base import Attribution, Context, MethodConfig
+from roar.attribution.base import Attribution, Context, MethodConfig, explainer
 from roar.attribution.plugins import PluginAttribution
 from roar.attribution.registry import METHODS
 from roar.core.errors import RoarError
@@ -41,4 +41,13 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-__all__ = ["METHODS", "Attribution", "Context", "MethodConfig", "PluginAttribution", "create", "list_methods"]
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "Context",
+    "MethodConfig",
+    "PluginAttribution",
+    "create",
+    "explainer",
+    "list_methods",
+]

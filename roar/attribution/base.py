@@ -41,6 +41,7 @@ from torch import nn
 
 from roar.attribution.engine import DEFAULT_MAX_BATCH
 from roar.core.schema import Section
+from roar.perturb.reduce import reduce_map
 
 # What a method may need beyond the batch, and where the extraction stage puts it.
 NEEDS: dict[str, str] = {
@@ -134,3 +135,21 @@ class Attribution:
 
     def __repr__(self) -> str:
         return f"{self.name}({self.params.model_dump()})"
+
+
+def explainer(method: Attribution, reduction: str, seed: int, context: Context | None = None):
+    """``explain(model, images, targets) -> float [B, H, W]``: the method's maps for one batch of
+    dataset examples, reduced over channels by ``reduction`` as the store reduced them.
+
+    The metrics that recompute maps (randomisation, sensitivity) call it with a randomised model,
+    perturbed images or other targets. Everything else stays fixed: the context of the batch (its
+    dataset indices and masks) and a fresh CPU generator seeded with ``seed`` at every call, so a
+    stochastic method's own draws do not vary between the calls compared.
+    """
+    context = context or Context()
+
+    def explain(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raw = method(model, images, targets, generator=torch.Generator().manual_seed(seed), context=context)
+        return reduce_map(raw, reduction, raw.shape[1]).to(images.device)
+
+    return explain

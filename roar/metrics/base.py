@@ -7,8 +7,8 @@ A metric is a class with four declarations and one method:
   rankings and tables simple; a metric whose reading depends on a setting says in its docstring
   which setting the word refers to (a curve measure: the MoRF curve, see ``roar.metrics.curves``);
 * ``needs``: what a stage must supply beyond images and labels, out of ``NEEDS``: the ``model``,
-  attribution ``maps``, ground-truth object ``masks``, the attribution ``method`` itself (to
-  recompute maps under a randomised model or a perturbed input), or models trained again on ablated
+  attribution ``maps``, ground-truth object ``masks``, the method that made the maps (``explain``,
+  to recompute them under a randomised model or for a perturbed input), or models trained again on ablated
   data (``retraining``). A stage checks them against what it has before it evaluates anything;
 * ``config``: the pydantic class of its parameters (``MetricConfig``, none, by default), so that a
   metric is built like a method or a fill: ``METRICS.create("name", **params)``;
@@ -43,7 +43,7 @@ from roar.core.registry import Registry
 from roar.core.schema import Section
 
 DIRECTIONS = ("higher", "lower")
-NEEDS = ("model", "maps", "masks", "method", "retraining")
+NEEDS = ("model", "maps", "masks", "explain", "retraining")
 
 # The keywords a stage may pass to ``evaluate_batch``; B images of C × H × W, K classes.
 INPUTS = {
@@ -54,8 +54,9 @@ INPUTS = {
     "masks": "bool [B, H, W], ground-truth object masks, True on the object (needs 'masks')",
     "model": "the classifier in eval mode, taking images in [0, 1] (needs 'model')",
     "targets": "int64 [B], the classes the maps explain (the store's target: predicted or label)",
-    "method": "the attribution method that made the maps, callable as method(model, images, targets, "
-    "generator=..., context=...) -> [B, C|1, H, W] (needs 'method': randomisation, sensitivity)",
+    "explain": "the method that made the maps, bound by the stage to the batch (roar.attribution.explainer): "
+    "explain(model, images, targets) -> float32 [B, H, W], reduced over channels as the maps are, with the "
+    "batch's context and a fixed generator (needs 'explain': randomisation, sensitivity)",
     "clean": "float32 [B, K], the model's softmax on the clean images (curve measures)",
     "perturbed": "float32 [B, K], the softmax on the images perturbed at one curve step (curve measures)",
 }

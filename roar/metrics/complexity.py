@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from roar.core.sorting import sorted_rows
 from roar.metrics.base import Metric, MetricConfig, register
 
 NEEDS = frozenset({"maps"})
@@ -67,7 +68,7 @@ class Sparseness(Metric):
     title = "Sparseness (Gini)"
 
     def evaluate_batch(self, *, maps: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
-        a = _magnitudes(maps).sort(1).values
+        a = sorted_rows(_magnitudes(maps))
         n = a.shape[1]
         weights = 2 * torch.arange(1, n + 1, device=a.device, dtype=a.dtype) - n - 1
         total = a.sum(1)

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from roar.core.sorting import twice_average_ranks
 from roar.metrics.base import Metric, MetricConfig, register
-from roar.perturb.ranking import count, ranks, top_position
+from roar.perturb.ranking import count, top_mask, top_position
 
 NEEDS = frozenset({"maps", "masks"})
 
@@ -72,7 +73,7 @@ def _positive_mass(maps: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 def _top_share(maps: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor, seed: int, k: torch.Tensor):
     """Share of the k[b] top-ranked pixels of image b that lie on its object; 0 where k[b] = 0."""
-    top = _flat(ranks(maps, indices, seed)) < k[:, None]
+    top = top_mask(maps, indices, seed, k)
     inside = (top & _flat(masks.bool())).sum(1)
     return (inside / k.clamp_min(1)).float()
 
@@ -216,19 +217,6 @@ class TopKIntersection(Metric):
 # --------------------------------------------------------------------------------------------- AUC
 
 
-def _twice_average_ranks(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2 × the 1-based average rank of each sorted value, the sorting order), both [B, P] int64.
-
-    Tied values share the mean of the ranks they span: for the run of equal values at sorted
-    positions l … r − 1 (``searchsorted`` left and right), 2 × mean rank = l + r + 1, an integer.
-    """
-    ordered, order = values.sort(1)
-    ordered = ordered.contiguous()
-    left = torch.searchsorted(ordered, ordered, side="left")
-    right = torch.searchsorted(ordered, ordered, side="right")
-    return left + right + 1, order
-
-
 @register
 class AUC(Metric):
     """ROC AUC of the map as a detector of the object's pixels (Fawcett, "An introduction to ROC
@@ -251,8 +239,8 @@ class AUC(Metric):
     title = "AUC"
 
     def evaluate_batch(self, *, maps: torch.Tensor, masks: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
-        twice_ranks, order = _twice_average_ranks(_wide(_flat(_checked(maps))))
-        on_object = _flat(masks.bool()).gather(1, order)
+        twice_ranks = twice_average_ranks(_flat(_checked(maps)))
+        on_object = _flat(masks.bool())
         n1 = on_object.sum(1)
         n0 = on_object.shape[1] - n1
         twice_u = (twice_ranks * on_object).sum(1) - n1 * (n1 + 1)

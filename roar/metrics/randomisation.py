@@ -41,22 +41,22 @@ for signed maps passed directly) and dividing each map by its maximum absolute v
   range of the two maps together (Quantus's ``ssim``); a window of the map's smaller side (made odd)
   on maps smaller than 7 × 7;
 * ``hog``: Pearson's correlation of the maps' HOG features (scikit-image's ``hog``, 9 orientations,
-  3 × 3-cell blocks, L2-Hys, cells of 8 pixels or of a third of the smaller side on small maps).
-  HOG is computed per image on the CPU by scikit-image: it is not the expensive part (recomputing
-  the maps is).
+  3 × 3-cell blocks, L2-Hys, cells of 8 pixels or of a third of the smaller side on small maps),
+  computed per image on the CPU by scikit-image.
+
+``similarities`` says which of them a metric computes (all three by default; the headline
+``similarity`` must be among them): HOG, image by image, costs about as much as a gradient pass of
+a small model, so a run that reads only Spearman's can leave it out.
 
 A correlation is undefined when a map is constant (a flat control map, a dead model's zeros): it is
 1 here when both maps are constant (nothing can have changed order) and 0 when only one is (no
 association); likewise the SSIM of two equal constant maps is 1. Values are therefore always finite.
 
-The stored maps are compared with maps recomputed by ``method`` and reduced over channels as the
-extraction reduces them (``reduction``: ``sum_squares`` by default, like ``roar extract``; it must be
-the store's reduction). ``method`` is called with a fixed CPU generator (seeded with ``seed``) and a
-context holding the images' dataset ``indices`` and object ``masks``: a method that seeds its
-randomness per image from the indices gives an image the same map in any batch, while one that draws
-from the batch's generator (SmoothGrad and its kind) depends on its batch, as its extraction does.
-Methods that need reference images or patterns get none. Stored maps are float16 quotients of their
-maximum (``roar.store.format``), so even an unchanged map is similar up to that precision.
+The stored maps are compared with maps recomputed by ``explain``, the method that made them as the
+stage binds it (``roar.attribution.explainer``): reduced over channels as the store reduced them,
+with the batch's context (dataset indices, masks) and a fixed generator, so only the model or the
+target changes between the maps compared. Stored maps are float16 quotients of their maximum
+(``roar.store.format``), so even an unchanged map is similar up to that precision.
 
 ``barely_changes`` is the verdict a stage draws from ``model_randomisation_last``: the method's maps
 barely change when the whole model is randomised, so they do not explain the model.
@@ -66,20 +66,19 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from roar.core.errors import RoarError
+from roar.core.sorting import twice_average_ranks
 from roar.metrics.base import Metric, MetricConfig, register
 from roar.perturb.fills import noise_seed
-from roar.perturb.reduce import reduce_map
 
 SIMILARITIES = ("spearman", "ssim", "hog")
 ORDERS = ("cascading", "independent")
@@ -158,45 +157,6 @@ def randomised(
                 target.copy_(original)
 
 
-# ---------------------------------------------------------------------------------------------- recomputed maps
-
-
-@dataclass
-class MethodContext:
-    """What a method may read from ``roar.attribution.Context``, as a metric knows it.
-
-    ``roar.metrics`` may not import ``roar.attribution`` (they are independent layers, see
-    ``pyproject.toml``), and methods read a context's fields only, so this stand-in is enough.
-    """
-
-    indices: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-    references: torch.Tensor | None = None
-    patterns: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def recompute(
-    method,
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    reduction: str,
-    seed: int,
-    indices: torch.Tensor | None = None,
-    masks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The method's maps [B, H, W] for ``targets``, reduced like the stored ones.
-
-    The generator is the same for every call, so a stochastic method's own draws do not vary
-    between the steps or samples compared: only the model or the input does.
-    """
-    context = MethodContext(indices=indices, masks=masks)
-    raw = method(model, images, targets, generator=torch.Generator().manual_seed(seed), context=context)
-    return reduce_map(raw, reduction, raw.shape[1]).to(images.device)
-
-
 # ---------------------------------------------------------------------------------------------- similarities
 
 
@@ -229,16 +189,12 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """1-based ranks of each row of [B, N], ties given their average rank (scipy's ``rankdata``)."""
-    x = x.contiguous()
-    ordered = x.sort(1).values
-    below = torch.searchsorted(ordered, x, right=False)
-    through = torch.searchsorted(ordered, x, right=True)
-    return _precise(below + through + 1) / 2
+    return _precise(twice_average_ranks(x.flatten(1))) / 2
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman's rank correlation per image of [B, ...] maps: Pearson's of the average ranks."""
-    return pearson(average_ranks(a.flatten(1)), average_ranks(b.flatten(1)))
+    return pearson(average_ranks(a), average_ranks(b))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW) -> torch.Tensor:
@@ -291,21 +247,46 @@ def hog_features(image: np.ndarray) -> np.ndarray:
     )
 
 
+def _hog_batch(maps: torch.Tensor) -> torch.Tensor:
+    """float64 [B, F]: the HOG features of each [H, W] map of a batch (on the CPU)."""
+    return torch.from_numpy(np.stack([hog_features(x.numpy()) for x in maps.detach().double().cpu()]))
+
+
 def hog_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson's correlation of the HOG features of each pair of [B, H, W] maps (per image, on the CPU)."""
-    features = [
-        torch.from_numpy(np.stack([hog_features(x.numpy()) for x in maps.detach().double().cpu()])) for maps in (a, b)
-    ]
-    return pearson(*features).to(a.device)
+    return pearson(_hog_batch(a), _hog_batch(b)).to(a.device)
+
+
+class Comparison:
+    """The similarities of one batch of prepared [B, H, W] maps to any number of others.
+
+    What depends on the original maps alone (their ranks, their HOG features) is computed once,
+    not at every randomisation step.
+    """
+
+    def __init__(self, original: torch.Tensor, which: Sequence[str] = SIMILARITIES):
+        unknown = sorted(set(which) - set(SIMILARITIES))
+        if unknown:
+            raise ValueError(f"unknown similarities {unknown}; known: {', '.join(SIMILARITIES)}")
+        self.original, self.which = original, tuple(which)
+        self._ranks = average_ranks(original) if "spearman" in which else None
+        self._hog = _hog_batch(original) if "hog" in which else None
+
+    def to(self, other: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{similarity: [B]}`` between the original maps and ``other``, for each chosen similarity."""
+        out = {}
+        if "spearman" in self.which:
+            out["spearman"] = pearson(self._ranks, average_ranks(other))
+        if "ssim" in self.which:
+            out["ssim"] = ssim(self.original, other)
+        if "hog" in self.which:
+            out["hog"] = pearson(self._hog, _hog_batch(other)).to(other.device)
+        return out
 
 
 def similarities(original: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{similarity: [B]}`` for every one of ``SIMILARITIES``, between prepared [B, H, W] maps."""
-    return {
-        "spearman": spearman(original, other),
-        "ssim": ssim(original, other),
-        "hog": hog_similarity(original, other),
-    }
+    return Comparison(original).to(other)
 
 
 def barely_changes(similarity: torch.Tensor | Sequence[float] | float, threshold: float = BARELY_CHANGES) -> bool:
@@ -319,12 +300,18 @@ def barely_changes(similarity: torch.Tensor | Sequence[float] | float, threshold
 
 class SimilarityConfig(MetricConfig):
     similarity: Literal["spearman", "ssim", "hog"] = Field("spearman", description="the similarity of the value")
+    similarities: tuple[Literal["spearman", "ssim", "hog"], ...] = Field(
+        SIMILARITIES, min_length=1, description="the similarities computed (the others are companions)"
+    )
     absolute: bool = Field(True, description="compare |map| (every store reduction is already >= 0)")
     normalise: bool = Field(True, description="divide each map by its maximum absolute value before comparing")
-    reduction: Literal["sum_squares", "sum_abs", "max_abs"] = Field(
-        "sum_squares", description="how recomputed maps are reduced over channels: the store's reduction"
-    )
-    seed: int = Field(0, ge=0, description="seed of the re-initialisation and of the method's generator")
+    seed: int = Field(0, ge=0, description="seed of the re-initialisation")
+
+    @model_validator(mode="after")
+    def _headline_computed(self):
+        if self.similarity not in self.similarities:
+            raise ValueError(f"similarity '{self.similarity}' must be one of similarities {list(self.similarities)}")
+        return self
 
 
 class RandomisationConfig(SimilarityConfig):
@@ -334,7 +321,7 @@ class RandomisationConfig(SimilarityConfig):
 class RandomLogitConfig(SimilarityConfig):
     similarity: Literal["spearman", "ssim", "hog"] = Field("ssim", description="the similarity of the value")
     absolute: bool = Field(False, description="compare |map| (every store reduction is already >= 0)")
-    seed: int = Field(0, ge=0, description="seed of the other class (with the index) and the method's generator")
+    seed: int = Field(0, ge=0, description="seed of the other class, with the image's dataset index")
 
 
 def _named(name: str, headline: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -342,42 +329,28 @@ def _named(name: str, headline: str, values: dict[str, torch.Tensor]) -> dict[st
     return {name if s == headline else f"{name}_{s}": v.float() for s, v in values.items()}
 
 
+Explain = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``explain(model, images, targets) -> [B, H, W]``: the method that made the maps, bound by the
+stage to the batch (``roar.attribution.explainer``; see ``roar.metrics.base.INPUTS``)."""
+
+
 class _Randomisation(Metric):
     """Similarity of the map to the maps of a model randomised layer by layer; ``order`` says how."""
 
     direction = "lower"
-    needs = frozenset({"model", "maps", "method"})
+    needs = frozenset({"model", "maps", "explain"})
     config = RandomisationConfig
     order: ClassVar[str]
 
     def evaluate_batch(
-        self,
-        *,
-        model: nn.Module,
-        maps: torch.Tensor,
-        method,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        indices: torch.Tensor,
-        masks: torch.Tensor | None = None,
-        **_: Any,
+        self, *, model: nn.Module, maps: torch.Tensor, explain: Explain, images: torch.Tensor, targets, **_: Any
     ) -> dict[str, torch.Tensor]:
         p = self.params
-        original = prepare(maps, p.absolute, p.normalise)
+        comparison = Comparison(prepare(maps, p.absolute, p.normalise), p.similarities)
         steps: dict[str, dict[str, torch.Tensor]] = {}
         for layer, randomised_model in randomised(model, self.order, p.seed, p.layers):
-            other = recompute(
-                method,
-                randomised_model,
-                images,
-                targets,
-                reduction=p.reduction,
-                seed=p.seed,
-                indices=indices,
-                masks=masks,
-            )
-            steps[layer] = similarities(original, prepare(other, p.absolute, p.normalise))
-        means = {s: torch.stack([step[s] for step in steps.values()]).mean(0) for s in SIMILARITIES}
+            steps[layer] = comparison.to(prepare(explain(randomised_model, images, targets), p.absolute, p.normalise))
+        means = {s: torch.stack([step[s] for step in steps.values()]).mean(0) for s in p.similarities}
         out = _named(self.name, p.similarity, means)
         out.update({f"{self.name}@{layer}": step[p.similarity].float() for layer, step in steps.items()})
         if self.order == "cascading":
@@ -431,7 +404,7 @@ class RandomLogit(Metric):
     name = "random_logit"
     title = "Random logit"
     direction = "lower"
-    needs = frozenset({"model", "maps", "method"})
+    needs = frozenset({"model", "maps", "explain"})
     config = RandomLogitConfig
 
     def evaluate_batch(
@@ -439,11 +412,10 @@ class RandomLogit(Metric):
         *,
         model: nn.Module,
         maps: torch.Tensor,
-        method,
+        explain: Explain,
         images: torch.Tensor,
         targets: torch.Tensor,
         indices: torch.Tensor,
-        masks: torch.Tensor | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         p = self.params
@@ -452,8 +424,6 @@ class RandomLogit(Metric):
         if classes < 2:
             raise RoarError(f"random_logit needs at least two classes, the model has {classes}")
         others = other_classes(targets, indices, classes, p.seed)
-        other = recompute(
-            method, model, images, others, reduction=p.reduction, seed=p.seed, indices=indices, masks=masks
-        )
-        values = similarities(prepare(maps, p.absolute, p.normalise), prepare(other, p.absolute, p.normalise))
+        comparison = Comparison(prepare(maps, p.absolute, p.normalise), p.similarities)
+        values = comparison.to(prepare(explain(model, images, others), p.absolute, p.normalise))
         return _named(self.name, p.similarity, values)

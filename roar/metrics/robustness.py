@@ -7,8 +7,8 @@ sensitivity of an explanation as its largest change within a small ball around t
 * the input x is perturbed ``samples`` times by uniform noise in [−``radius``, ``radius``] on every
   element (Quantus's ``batch_uniform_noise`` with its default ``lower_bound`` 0.2; not clipped to
   [0, 1], as there);
-* the map of each perturbed input x̃ is recomputed by ``method`` for the same target and reduced
-  over channels as the stored maps (``reduction``, the store's: ``sum_squares`` by default);
+* the map of each perturbed input x̃ is recomputed by ``explain``, the method as the stage binds
+  it (``roar.attribution.explainer``: the same target, reduced over channels as the stored maps);
 * each sample's value is ‖m(x̃) − m(x)‖_F / ‖m(x)‖_F, Quantus's defaults (``difference`` and
   ``fro_norm`` for both norms, no ``abs``, no normalisation), with m(x) the stored map;
 * ``max_sensitivity`` is the maximum over the samples, ``avg_sensitivity`` the mean.
@@ -20,21 +20,21 @@ stay finite, which ``roar metrics`` requires. Stored maps are float16 quotients 
 
 Each image's noise comes from its own generator, seeded by (``seed``, its dataset index), so an
 image's value does not depend on its batch. Quantus draws 200 samples; the default budget of 10
-estimates the mean less precisely and can only underestimate the maximum, which more samples raise. The method
-runs once per sample on the whole batch, with the same generator every time (see
-``roar.metrics.randomisation.recompute``): only the input changes between samples.
+estimates the mean less precisely and can only underestimate the maximum, which more samples raise.
+The method runs once per sample on the whole batch, with the same generator every time: only the
+input changes between samples.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from roar.metrics.base import Metric, MetricConfig, register
-from roar.metrics.randomisation import recompute
+from roar.metrics.randomisation import Explain
 from roar.perturb.fills import noise_seed
 
 
@@ -42,9 +42,6 @@ class SensitivityConfig(MetricConfig):
     radius: float = Field(0.2, gt=0, description="noise is uniform in [-radius, radius] per element (Quantus: 0.2)")
     samples: int = Field(10, ge=1, description="perturbed inputs per image (Quantus: 200)")
     seed: int = Field(0, ge=0, description="seed of each image's noise, with its dataset index")
-    reduction: Literal["sum_squares", "sum_abs", "max_abs"] = Field(
-        "sum_squares", description="how recomputed maps are reduced over channels: the store's reduction"
-    )
 
 
 def uniform_noise(images: torch.Tensor, indices: torch.Tensor, samples: int, radius: float, seed: int) -> torch.Tensor:
@@ -68,31 +65,11 @@ def relative_change(maps: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor
 
 
 def sensitivities(
-    *,
-    model: nn.Module,
-    maps: torch.Tensor,
-    method,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    indices: torch.Tensor,
-    masks: torch.Tensor | None,
-    config: SensitivityConfig,
+    *, maps: torch.Tensor, explain: Explain, model: nn.Module, images, targets, indices, config: SensitivityConfig
 ) -> torch.Tensor:
     """[B, samples] relative changes of the maps under the seeded noise."""
     noise = uniform_noise(images, indices, config.samples, config.radius, config.seed)
-    changes = []
-    for sample in range(config.samples):
-        perturbed = recompute(
-            method,
-            model,
-            images + noise[:, sample],
-            targets,
-            reduction=config.reduction,
-            seed=config.seed,
-            indices=indices,
-            masks=masks,
-        )
-        changes.append(relative_change(maps, perturbed))
+    changes = [relative_change(maps, explain(model, images + noise[:, i], targets)) for i in range(config.samples)]
     return torch.stack(changes, 1)
 
 
@@ -100,31 +77,15 @@ class _Sensitivity(Metric):
     """The largest or mean relative change of the map under small input noise; ``aggregate`` says which."""
 
     direction = "lower"
-    needs = frozenset({"model", "maps", "method"})
+    needs = frozenset({"model", "maps", "explain"})
     config = SensitivityConfig
     aggregate: ClassVar[str]
 
     def evaluate_batch(
-        self,
-        *,
-        model: nn.Module,
-        maps: torch.Tensor,
-        method,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        indices: torch.Tensor,
-        masks: torch.Tensor | None = None,
-        **_: Any,
+        self, *, model: nn.Module, maps: torch.Tensor, explain: Explain, images, targets, indices, **_: Any
     ) -> dict[str, torch.Tensor]:
         changes = sensitivities(
-            model=model,
-            maps=maps,
-            method=method,
-            images=images,
-            targets=targets,
-            indices=indices,
-            masks=masks,
-            config=self.params,
+            maps=maps, explain=explain, model=model, images=images, targets=targets, indices=indices, config=self.params
         )
         values = changes.amax(1) if self.aggregate == "max" else changes.mean(1)
         return {self.name: values.float()}

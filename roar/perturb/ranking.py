@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from roar.core.sorting import sorted_rows
+
 GRANULARITIES = ("pixel", "element")
 MODES = ("roar", "kar", "morf", "lerf")
 """``roar``/``morf``: replace the top k positions. ``kar``: keep the top k, replace the other P − k.
@@ -140,17 +142,64 @@ def ranking(maps: torch.Tensor, indices: torch.Tensor, seed: int, granularity: s
     return by_key.gather(1, by_value)
 
 
+def _keys_where(rows: torch.Tensor, indices: torch.Tensor, n_positions: int, seed: int) -> torch.Tensor:
+    """``tie_break_keys`` of the images at ``rows`` only: most rows have no tie to break."""
+    indices = torch.as_tensor(indices).reshape(-1)
+    return tie_break_keys(indices.to(rows.device)[rows], n_positions, seed, rows.device)
+
+
+def _flat_values(maps: torch.Tensor, indices: torch.Tensor, granularity: str) -> torch.Tensor:
+    """The checked maps as [B, P], refused if the indices do not match them."""
+    maps = _positions(maps, granularity)
+    values = maps.reshape(maps.shape[0], -1)
+    if torch.as_tensor(indices).numel() != values.shape[0]:
+        raise ValueError(f"{torch.as_tensor(indices).numel()} indices for {values.shape[0]} maps")
+    return values
+
+
 def top_position(maps: torch.Tensor, indices: torch.Tensor, seed: int, granularity: str = "pixel") -> torch.Tensor:
     """``ranking(maps, indices, seed, granularity)[:, 0]``, the flat index of each map's most relevant
     position, [B], in one pass instead of a sort: among the positions holding the maximum, the one
-    with the smallest tie-break key (the pointing game asks for nothing more)."""
-    maps = _positions(maps, granularity)
-    values = maps.reshape(maps.shape[0], -1)
-    keys = tie_break_keys(indices, values.shape[1], seed, values.device)
-    if keys.shape[0] != values.shape[0]:
-        raise ValueError(f"{keys.shape[0]} indices for {values.shape[0]} maps")
+    with the smallest tie-break key (the pointing game asks for nothing more). The keys are computed
+    only for the maps whose maximum is tied."""
+    values = _flat_values(maps, indices, granularity)
     at_max = values == values.amax(1, keepdim=True)
-    return keys.masked_fill(~at_max, torch.iinfo(torch.int64).max).argmin(1)
+    top = values.argmax(1)
+    tied = (at_max.sum(1) > 1).nonzero().squeeze(1)
+    if len(tied):
+        keys = _keys_where(tied, indices, values.shape[1], seed)
+        top[tied] = keys.masked_fill(~at_max[tied], torch.iinfo(torch.int64).max).argmin(1)
+    return top
+
+
+def top_mask(
+    maps: torch.Tensor, indices: torch.Tensor, seed: int, k: torch.Tensor | int, granularity: str = "pixel"
+) -> torch.Tensor:
+    """``ranks(maps, indices, seed, granularity).flatten(1) < k[:, None]``: bool [B, P], True on the
+    k[b] most relevant positions of map b (``k`` an int or [B] ints, clipped to [0, P]).
+
+    The same set as the full ranking without its two sorts by key and value: the k-th largest
+    value v (one sort of the values, ``roar.core.sorting``) splits each map into the positions above v, all taken, and those equal to v, of
+    which the ones with the smallest tie-break keys fill the remaining places. The keys are
+    computed only for maps whose boundary value is shared by more positions than places remain.
+    """
+    values = _flat_values(maps, indices, granularity)
+    b, p = values.shape
+    k = torch.as_tensor(k, dtype=torch.int64, device=values.device).expand(b).clamp(0, p)
+    if b == 0 or int(k.max()) == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    boundary = sorted_rows(values).to(values.device).gather(1, (p - k).clamp_max(p - 1)[:, None])
+    above, at = values > boundary, values == boundary
+    places = k - above.sum(1)  # how many of the positions at the boundary value are taken
+    chosen = above | (at & (places > 0)[:, None])
+    crowded = ((places > 0) & (at.sum(1) > places)).nonzero().squeeze(1)
+    if len(crowded):
+        keys = _keys_where(crowded, indices, p, seed).masked_fill(~at[crowded], torch.iinfo(torch.int64).max)
+        order = keys.sort(dim=1, stable=True).indices  # the tied positions first, by key
+        taken = torch.arange(p, device=values.device)[None, :] < places[crowded][:, None]
+        ties = torch.zeros_like(at[crowded]).scatter_(1, order, taken)
+        chosen[crowded] = above[crowded] | ties
+    return chosen
 
 
 def ranks(maps: torch.Tensor, indices: torch.Tensor, seed: int, granularity: str = "pixel") -> torch.Tensor:

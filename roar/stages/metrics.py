@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from roar.attribution import create
+from roar.attribution import Context, create, explainer
 from roar.attribution.engine import prepare_model
 from roar.config import RunConfig
 from roar.config.metrics import MetricEntry, evaluable
@@ -103,7 +103,7 @@ def run(cfg: RunConfig) -> StageResult:
         identities = {m: store.identity_of(m) for m in methods}
         target = store.identity.get("target", "predicted")
         reduction = store.identity.get("reduction", "sum_squares")
-    recomputing = [e.name for e in entries if "method" in METRICS.get(e.name).needs]
+    recomputing = [e.name for e in entries if "explain" in METRICS.get(e.name).needs]
     plugins = [m for m in methods if _method_of(identities[m]) is None]
     if recomputing and plugins:
         raise RoarError(
@@ -223,14 +223,6 @@ def _method_of(identity: dict):
     return create(name, **identity.get("params", {}))
 
 
-def _build(entry: MetricEntry, reduction: str):
-    """The metric of an entry; one that recomputes maps reduces them as the store did, unless told otherwise."""
-    params = dict(entry.params)
-    if "reduction" in METRICS.config_class(entry.name).model_fields:
-        params.setdefault("reduction", reduction)
-    return METRICS.create(entry.name, **params)
-
-
 def _compute(cfg, dataset, split, model, rows, todo, identities, stored, inputs_of, parts: Path, device) -> None:
     """Evaluate every (method, metric) of ``todo`` batch by batch; each finished pair is written at once
     with its per-image values and the per-image companions the metric returns beside them."""
@@ -244,22 +236,24 @@ def _compute(cfg, dataset, split, model, rows, todo, identities, stored, inputs_
         predictions = torch.as_tensor(store.predictions)
         for method, entries in by_method.items():
             attribution = _method_of(identities[method])  # None only for plug-ins, refused above when needed
-            metrics = [(e, _build(e, reduction)) for e in entries]
+            metrics = [(e, METRICS.create(e.name, **e.params)) for e in entries]
             values: dict[str, dict[str, list[torch.Tensor]]] = {e.name: {} for e, _ in metrics}
             maps_all = torch.as_tensor(store.read_rows(method, rows.numpy()))
             for start in range(0, len(rows), mc.batch_size):
                 index = rows[start : start + mc.batch_size]
                 images = split.read(index).float().div_(255).to(device)
                 labels = split.labels[index].to(device)
+                masks = None if split.masks is None else split.masks[index].bool().to(device)
+                context = Context(indices=index.to(device), masks=masks)
                 batch = {
                     "images": images,
                     "labels": labels,
                     "indices": index.to(device),
                     "maps": maps_all[start : start + mc.batch_size].to(device),
-                    "masks": None if split.masks is None else split.masks[index].bool().to(device),
+                    "masks": masks,
                     "model": model,
                     "targets": (predictions[index] if target == "predicted" else split.labels[index]).to(device),
-                    "method": attribution,
+                    "explain": None if attribution is None else explainer(attribution, reduction, cfg.seed, context),
                 }
                 for entry, metric in metrics:
                     for key, value in metric.evaluate_batch(**batch).items():
