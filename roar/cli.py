@@ -83,6 +83,12 @@ def cmd_insecurity(args) -> str:
     return stage.run(_load(args)).summary()
 
 
+def cmd_report(args) -> str:
+    from roar.stages.report import stage
+
+    return stage.run(_load(args), args.config, args.markdown_to).summary()
+
+
 def cmd_vog_toy(args) -> str:
     from roar.core.schema import SEED_LIMIT, SEED_RANGE
     from roar.stages import vog_toy
@@ -191,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
     p.set_defaults(func=cmd_insecurity)
+
+    p = sub.add_parser(
+        "report", help="one page of the run: self-contained HTML and markdown in runs/<name>/report/ (task report)"
+    )
+    _config_args(p)
+    p.add_argument(
+        "--markdown-to",
+        metavar="PATH.md",
+        help="also write the markdown here, its figures in a folder beside it named after it (docs/results.md)",
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("vog-toy", help="VoG on 2-D blobs against the distance to the decision boundary (task vog-toy)")
     p.add_argument("--split", choices=toy.SPLITS, default="train", help="the points scored (default: train)")

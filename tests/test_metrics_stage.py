@@ -124,7 +124,7 @@ def test_retraining_and_curves_are_judged_when_their_results_hold_the_controls(t
     roar = known["ROAR 50%"]
     # seed 0 is perfect (1); seed 1 gets 2 of the 9 known pairs wrong: (9 − 2 − 2) / 9
     assert roar["tau"] == pytest.approx((1 + 5 / 9) / 2) and roar["samples"] == 2
-    assert known["MORF (curves_road)"]["tau"] == 1.0 and known["LERF (curves_road)"]["tau"] == 1.0
+    assert known["MoRF (curves_road)"]["tau"] == 1.0 and known["LeRF (curves_road)"]["tau"] == 1.0
 
 
 def test_plugin_methods_with_metrics_that_recompute_maps_are_refused_before_anything_is_written(

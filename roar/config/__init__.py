@@ -5,6 +5,7 @@ from roar.config.extract import AttributionConfig, MethodEntry
 from roar.config.insecurity import HardnessConfig, InsecurityConfig
 from roar.config.metrics import MetricEntry, MetricsConfig
 from roar.config.patterns import PatternsConfig
+from roar.config.report import ReportConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.run import (
     RunConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "MetricEntry",
     "MetricsConfig",
     "PatternsConfig",
+    "ReportConfig",
     "RetrainConfig",
     "RunConfig",
     "TrainingConfig",

@@ -3,7 +3,7 @@
 ``load_config("configs/demo.yaml", ["training.epochs=3"])`` returns a validated ``RunConfig``.
 Every problem (an unknown or misspelt key, a wrong type, an impossible value) is reported as a
 ``RoarError`` whose one line names the dotted key. Each stage's section lives in its own module
-of this package (``extract``, ``retrain``, ``curves``, ``vog``, ``insecurity``, ``metrics``;
+of this package (``extract``, ``retrain``, ``curves``, ``vog``, ``insecurity``, ``metrics``, ``report``;
 ``training`` in ``roar.training``).
 """
 
@@ -22,6 +22,7 @@ from roar.config.extract import AttributionConfig
 from roar.config.insecurity import InsecurityConfig
 from roar.config.metrics import MetricsConfig
 from roar.config.patterns import PatternsConfig
+from roar.config.report import ReportConfig
 from roar.config.retrain import RetrainConfig
 from roar.config.vog import VogConfig
 from roar.core.errors import RoarError
@@ -65,6 +66,7 @@ class RunConfig(Section):
     vog: VogConfig = Field(default_factory=VogConfig)
     insecurity: InsecurityConfig = Field(default_factory=InsecurityConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="before")
     @classmethod

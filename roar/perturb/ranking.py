@@ -179,9 +179,10 @@ def top_mask(
     k[b] most relevant positions of map b (``k`` an int or [B] ints, clipped to [0, P]).
 
     The same set as the full ranking without its two sorts by key and value: the k-th largest
-    value v (one sort of the values, ``roar.core.sorting``) splits each map into the positions above v, all taken, and those equal to v, of
-    which the ones with the smallest tie-break keys fill the remaining places. The keys are
-    computed only for maps whose boundary value is shared by more positions than places remain.
+    value v (one sort of the values, ``roar.core.sorting``) splits each map into the positions
+    above v, all taken, and those equal to v, of which the ones with the smallest tie-break keys
+    fill the remaining places. The keys are computed only for maps whose boundary value is shared
+    by more positions than places remain.
     """
     values = _flat_values(maps, indices, granularity)
     b, p = values.shape

@@ -288,7 +288,7 @@ def _markdown(table: list[dict], results: list[dict], measures: list[CurveMeasur
     return "\n".join(lines)
 
 
-def _plot(results: list[dict], path: Path, measures: list[CurveMeasure]) -> None:
+def plot_curves(results: list[dict], path: Path, measures: list[CurveMeasure]) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(measures), figsize=(5.2 * len(measures), 4.2), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in results if r["method"] != RANDOM))
@@ -329,5 +329,5 @@ def summarise(out: Path, results: list[dict], measures: list[CurveMeasure] | Non
     write_csv(out / "summary.csv", fixed, columns)
     write_text_atomic(out / "summary.md", _markdown(table, results, measures))
     if results:
-        _plot(results, out / "curves.png", measures)
+        plot_curves(results, out / "curves.png", measures)
     return table

@@ -98,41 +98,62 @@ def _metric_rows(per_image: dict, quality: dict[str, int]) -> list[dict]:
     return rows
 
 
+CURVE_ORDERS = {"morf": -1.0, "lerf": 1.0, "lerf_minus_morf": 1.0}  # accuracy areas: signs so that larger is better
+CURVE_NAMES = {"morf": "MoRF", "lerf": "LeRF", "lerf_minus_morf": "LeRF − MoRF"}
+
+
+def curve_folders(run_dir: Path) -> list[Path]:
+    """The run's curve folders (``curves``, ``curves_road``, ``degradation``, ...) holding results."""
+    return sorted(p.parent for p in run_dir.glob("*/summary.csv") if p.parent.name.startswith(("curves", "degr")))
+
+
+def retrain_values(run_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """{"ROAR 10%": {seed: {method: value}}} from ``retrain/results.csv``, larger is better: ROAR's
+    accuracy negated (a good map's removal hurts most), KAR's as it is."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in read_csv(run_dir / "retrain" / "results.csv"):
+        if r["mode"] in ("roar", "kar"):
+            sign = -1.0 if r["mode"] == "roar" else 1.0
+            measure = f"{r['mode'].upper()} {float(r['threshold']):g}%"
+            out.setdefault(measure, {}).setdefault(str(r["seed"]), {})[r["method"]] = sign * float(r["test_accuracy"])
+    mode_then_threshold = lambda item: (not item[0].startswith("ROAR"), float(item[0].split()[1].rstrip("%")))  # noqa: E731
+    return dict(sorted(out.items(), key=mode_then_threshold))
+
+
+def curve_values(run_dir: Path) -> dict[str, dict[str, float]]:
+    """{"MoRF (curves)": {method: value}} of the accuracy areas of every curves folder, larger is better."""
+    out: dict[str, dict[str, float]] = {}
+    for folder in curve_folders(run_dir):
+        for r in read_csv(folder / "summary.csv"):
+            for order, sign in CURVE_ORDERS.items():
+                value = r.get(f"accuracy_{order}")
+                if value not in (None, ""):
+                    out.setdefault(f"{CURVE_NAMES[order]} ({folder.name})", {})[r["method"]] = sign * float(value)
+    return out
+
+
 def _retrain_rows(run_dir: Path, quality: dict[str, int]) -> list[dict]:
-    path = run_dir / "retrain" / "results.csv"
-    if not path.exists():
-        return []
-    table = [r for r in read_csv(path) if r["mode"] in ("roar", "kar") and r["method"] in quality]
     rows = []
-    for mode in ("roar", "kar"):
-        for threshold in sorted({int(r["threshold"]) for r in table if r["mode"] == mode}):
-            chosen = [r for r in table if r["mode"] == mode and int(r["threshold"]) == threshold]
-            sign = -1.0 if mode == "roar" else 1.0  # ROAR: a good map's removal hurts most
-            taus, methods = [], sorted({r["method"] for r in chosen})
-            for seed in sorted({r["seed"] for r in chosen}):
-                runs = [r for r in chosen if r["seed"] == seed]
-                values = np.array([sign * float(r["test_accuracy"]) for r in runs])
-                taus.append(agreement(values, np.array([quality[r["method"]] for r in runs], dtype=float)))
-            if len({quality[m] for m in methods}) >= MIN_TIERS:
-                rows.append(_row(f"{mode.upper()} {threshold}%", "retraining", taus, len(taus), methods))
+    for measure, seeds in retrain_values(run_dir).items():
+        taus, methods = [], sorted({m for values in seeds.values() for m in values if m in quality})
+        for values in seeds.values():
+            known = [m for m in values if m in quality]
+            scores = np.array([values[m] for m in known])
+            taus.append(agreement(scores, np.array([quality[m] for m in known], dtype=float)))
+        if len({quality[m] for m in methods}) >= MIN_TIERS:
+            rows.append(_row(measure, "retraining", taus, len(taus), methods))
     return rows
 
 
 def _curve_rows(run_dir: Path, quality: dict[str, int]) -> list[dict]:
     rows = []
-    orders = {"morf": -1.0, "lerf": 1.0, "lerf_minus_morf": 1.0}  # accuracy areas: signs so that larger is better
-    folders = sorted(p.parent for p in run_dir.glob("*/summary.csv") if p.parent.name.startswith(("curves", "degr")))
-    for folder in folders:
-        table = [r for r in read_csv(folder / "summary.csv") if r["method"] in quality]
-        for order, sign in orders.items():
-            column = f"accuracy_{order}"
-            scored = [r for r in table if r.get(column) not in (None, "")]
-            methods = [r["method"] for r in scored]
-            if len({quality[m] for m in methods}) < MIN_TIERS:
-                continue
-            values = np.array([sign * float(r[column]) for r in scored])
-            tau = agreement(values, np.array([quality[m] for m in methods], dtype=float))
-            rows.append(_row(f"{order.replace('_', ' ').upper()} ({folder.name})", "curves", [tau], 1, methods))
+    for measure, values in curve_values(run_dir).items():
+        methods = [m for m in values if m in quality]
+        if len({quality[m] for m in methods}) < MIN_TIERS:
+            continue
+        scores = np.array([values[m] for m in methods])
+        tau = agreement(scores, np.array([quality[m] for m in methods], dtype=float))
+        rows.append(_row(measure, "curves", [tau], 1, methods))
     return rows
 
 

@@ -79,7 +79,7 @@ UNMODIFIED_AT = {"roar": 0.0, "kar": 100.0}
 """Where the unmodified model sits on each panel's axis: nothing removed, everything kept."""
 
 
-def _plot(table: list[dict], path: Path, num_classes: int | None = None) -> None:
+def plot_accuracy(table: list[dict], path: Path, num_classes: int | None = None) -> None:
     plt = pyplot()
     present = {r["mode"] for r in table} - {"baseline"}
     modes = [m for m in PANELS if m in present] + sorted(present - set(PANELS))
@@ -128,5 +128,5 @@ def summarise(out: Path, rows: list[dict], num_classes: int | None = None) -> di
     table = aggregate(rows)
     write_csv(out / "summary.csv", table, ["mode", "method", "threshold", "mean", "std", "n"])
     write_text_atomic(out / "summary.md", _markdown(table))
-    _plot(table, out / "accuracy.png", num_classes)
+    plot_accuracy(table, out / "accuracy.png", num_classes)
     return {"output": str(out), "groups": len(table)}
