@@ -194,7 +194,8 @@ def test_findings_are_sentences_computed_from_the_numbers():
     sentences = trust.findings(measures, {"b": 0.9}, {"z": 0.97})
     text = " ".join(sentences)
     assert "Across 2 measures of 3 methods" in text and "**z** comes last (3.0)" in text
-    assert "rank **y** first" in text  # the trusted measure alone
+    assert "taken alone, rank **y** first" in text  # the trusted measure alone
+    assert "the overall consensus, **x**, rests on measures that do not" in text
     assert "median Kendall τ" in text and "0.33" in text
     assert "**z** barely change" in text
     assert trust.findings(_measures({}), {}, {}) == []

@@ -164,18 +164,19 @@ def run(cfg: RunConfig) -> StageResult:
         results = [r for m, orders in curves for o in orders for r in read_part(part_path(parts, m, o))["rows"]]
         write_csv(out / "results.csv", results, header)
         table = summarise(out, results, measures)
-    total = sum(len(orders) for _, orders in curves)
-    s = {
-        "methods": len(methods),
-        "images": len(rows),
-        "ran": sum(len(orders) for _, orders in todo),
-        "curves": total,
-        "recomputed": reuse.recomputed,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "output": str(out),
-        "model": str(model_path),
-        "areas": table,
-    }
+        total = sum(len(orders) for _, orders in curves)
+        s = {
+            "methods": len(methods),
+            "images": len(rows),
+            "ran": sum(len(orders) for _, orders in todo),
+            "curves": total,
+            "recomputed": reuse.recomputed,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "output": str(out),
+            "model": str(model_path),
+            "areas": table,
+        }
+        write_json(out / "summary.json", s)
     why = f"; {reuse.note(total)}" if reuse.recomputed else ""
     line = (
         f"perturbation curves of {s['methods']} methods on {s['images']} images ({s['ran']} of {total} curves "

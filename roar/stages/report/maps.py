@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from roar.config import RunConfig
+from roar.core.errors import RoarError
 from roar.core.plots import pyplot
-from roar.data import build_dataset
 from roar.perturb.fills import ablate, build_fill
 from roar.perturb.ranking import count, ranks, select
 from roar.stages.report import figures
@@ -49,25 +49,22 @@ def _heat(m: np.ndarray) -> np.ndarray:
     return colormaps["inferno"](m / top if top > 0 else m)[..., :3]
 
 
-def maps_section(cfg: RunConfig, command: str) -> Section:
-    from roar.stages.extract import open_maps, store_path
+def maps_section(cfg: RunConfig, command: str, dataset) -> Section:
+    from roar.stages.extract import store_path
 
     title = "Maps"
     if not store_path(cfg, "test").exists():
         return not_run(title, command.format(stage="extract"))
+    if isinstance(dataset, str):
+        return not_run(title, command.format(stage="extract"), f"the dataset cannot be read ({dataset})")
     rc = cfg.report
-    dataset = build_dataset(cfg.dataset)
     split = dataset.split("test")
-    with open_maps(cfg, dataset, "test") as store:
-        methods = [m for m in (rc.methods or store.methods) if m in store.methods]
-        if not methods:
-            return not_run(title, command.format(stage="extract"), f"none of {rc.methods} is in the store")
-        if store.channels:
-            return not_run(title, command.format(stage="extract"), "the store keeps maps per channel")
-        rows = chosen_rows(split.labels, rc.classes, rc.images_per_class)
-        ascending = np.array(sorted(rows))  # the store reads rows in order
-        back = np.searchsorted(ascending, rows)
-        maps = {m: torch.as_tensor(np.asarray(store.read_rows(m, ascending), dtype=np.float32)[back]) for m in methods}
+    try:
+        methods, rows, maps = _stored(cfg, dataset, split)
+    except RoarError as exc:  # maps of another model or data: the section says so, the report goes on
+        return not_run(title, command.format(stage="extract"), str(exc))
+    if not methods:
+        return not_run(title, command.format(stage="extract"), f"none of {rc.methods} is in the store")
     index = torch.tensor(rows)
     images = split.read(index).float().div_(255)
     roar_fill = cfg.retrain.fill if cfg.retrain.fill.name != "road" else None
@@ -106,6 +103,22 @@ def maps_section(cfg: RunConfig, command: str) -> Section:
     return Section(title, blocks)
 
 
+def _stored(cfg: RunConfig, dataset, split) -> tuple[list[str], list[int], dict[str, torch.Tensor]]:
+    """(methods, chosen rows, {method: maps [n, H, W]}) from the run's test store."""
+    from roar.stages.extract import open_maps
+
+    rc = cfg.report
+    with open_maps(cfg, dataset, "test") as store:
+        if store.channels:
+            raise RoarError("the store keeps maps per channel; the maps section shows maps reduced over channels")
+        methods = [m for m in (rc.methods or store.methods) if m in store.methods]
+        rows = chosen_rows(split.labels, rc.classes, rc.images_per_class)
+        ascending = np.array(sorted(rows))  # the store reads rows in order
+        back = np.searchsorted(ascending, rows)
+        maps = {m: torch.as_tensor(np.asarray(store.read_rows(m, ascending), dtype=np.float32)[back]) for m in methods}
+    return methods, rows, maps
+
+
 def _mosaic(image: torch.Tensor, maps: list[np.ndarray], rows: list[list[torch.Tensor]]) -> np.ndarray:
     """uint8 [rows·tile, (1 + methods)·tile, 3]: the image in the first column, then a column per method."""
     tile = _tile(image.permute(1, 2, 0).numpy())
@@ -130,7 +143,7 @@ def _labelled(panel: np.ndarray, methods: list[str], row_names: list[str], title
     plt = pyplot()
     dpi = 100
     height, width = panel.shape[:2]
-    top, left, right = 70, 150, 90  # room for the rotated method names and the row names
+    top, left, right = 90, 170, 110  # room for the rotated method names and the row names
     total = width + left + right
     fig = plt.figure(figsize=(total / dpi, (height + top) / dpi), dpi=dpi)
     ax = fig.add_axes((left / total, 0, width / total, height / (height + top)))
@@ -138,11 +151,11 @@ def _labelled(panel: np.ndarray, methods: list[str], row_names: list[str], title
     ax.set_axis_off()
     tile = (width + GAP) / (1 + len(methods))
     for c, name in enumerate(["image", *methods]):
-        ax.text((c + 0.5) * tile - GAP / 2, -8, name, ha="left", va="bottom", rotation=30, fontsize=8)
+        ax.text((c + 0.5) * tile - GAP / 2, -8, name, ha="left", va="bottom", rotation=30, fontsize=10)
     row = (height + GAP) / len(row_names)
     for r, name in enumerate(row_names):
-        ax.text(-8, (r + 0.5) * row - GAP / 2, name, ha="right", va="center", fontsize=8)
-    fig.text(0.005, 1 - 0.2 * top / (height + top), title, fontsize=9, ha="left", va="top", weight="bold")
+        ax.text(-8, (r + 0.5) * row - GAP / 2, name, ha="right", va="center", fontsize=10)
+    fig.text(0.005, 1 - 0.2 * top / (height + top), title, fontsize=11, ha="left", va="top", weight="bold")
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)

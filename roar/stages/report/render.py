@@ -71,6 +71,7 @@ def render_markdown(title: str, sections: list[Section], footer: str, figures: s
         .get_template("report.md.j2")
         .render(title=title, sections=sections, footer=footer, figures=figures)
     )
+    text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
     return re.sub(r"\n{3,}", "\n\n", text)
 
 

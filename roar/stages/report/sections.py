@@ -18,8 +18,6 @@ from roar.stages.meta import curve_folders
 from roar.stages.report import figures, trust
 from roar.stages.report.document import Code, Section, Table, Text, fmt, not_run
 
-CONFIG_FLAG = "--config {config}"
-
 
 def _json(path: Path) -> dict | None:
     try:
@@ -83,13 +81,42 @@ def run_section(cfg: RunConfig, command: str) -> Section:
     )
     if history:
         blocks.append(figures.svg("training", figures.plot_training, history, caption="Training curves."))
+    times = [(folder.name, seconds) for folder, seconds in stage_seconds(cfg.run_dir)]
+    if times:
+        blocks.append(
+            Table(
+                [name for name, _ in times],
+                [[f"{seconds:.0f} s" for _, seconds in times]],
+                "Time of each stage's last run (a rerun that reuses its results is quick).",
+            )
+        )
     return Section("Run", blocks)
+
+
+PIPELINE = ["train", "patterns", "attributions", "retrain", "curves", "vog", "insecurity", "metrics"]
+
+
+def _stage_folders(run_dir: Path) -> list[Path]:
+    """The run's stage folders in pipeline order (other folders, extra curve protocols, after)."""
+    folders = [p for p in run_dir.iterdir() if p.is_dir() and p.name != "report"]
+    rank = {name: i for i, name in enumerate(PIPELINE)}
+    return sorted(folders, key=lambda p: (rank.get(p.name, len(PIPELINE)), p.name))
+
+
+def stage_seconds(run_dir: Path) -> list[tuple[Path, float]]:
+    """(stage folder, seconds of its last run) for every stage folder whose summary records a time."""
+    out = []
+    for folder in _stage_folders(run_dir):
+        seconds = (_json(folder / "summary.json") or {}).get("seconds")
+        if isinstance(seconds, (int, float)):
+            out.append((folder, float(seconds)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ ROAR / KAR
 
 
-def retrain_section(cfg: RunConfig, command: str) -> Section:
+def retrain_section(cfg: RunConfig, command: str, classes: int | None = None) -> Section:
     from roar.stages.retrain.summary import aggregate, plot_accuracy
 
     out = cfg.run_dir / "retrain"
@@ -104,7 +131,7 @@ def retrain_section(cfg: RunConfig, command: str) -> Section:
             f"over seeds; fill `{cfg.retrain.fill.name}`. The leakage panel trains on the removal mask alone: "
             "accuracy above chance there means the mask's shape tells the class."
         ),
-        figures.svg("retrain", plot_accuracy, table, num_classes=_classes(cfg), caption="Accuracy against threshold."),
+        figures.svg("retrain", plot_accuracy, table, num_classes=classes, caption="Accuracy against threshold."),
     ]
     baseline = next((r for r in table if r["mode"] == "baseline"), None)
     if baseline:
@@ -139,12 +166,6 @@ def _accuracy(cell: dict | None) -> str:
         return "–"
     text = f"{100 * cell['mean']:.1f}"
     return text + (f" ± {100 * cell['std']:.1f}" if cell["n"] > 1 else "")
-
-
-def _classes(cfg: RunConfig) -> int | None:
-    summary = _json(cfg.run_dir / "attributions" / "summary.json") or {}
-    classes = summary.get("classes")
-    return int(classes) if classes else None
 
 
 # ------------------------------------------------------------------------------------------------ curves
@@ -266,14 +287,14 @@ def trust_section(cfg: RunConfig, command: str) -> Section:
     methods, names, rank = trust.ranks(measures)
     overall = trust.consensus(methods, names, rank)
     blocks: list = [Text(s) for s in sentences]
-    blocks.append(
-        Table(
-            ["method", "mean rank", *names],
-            [[m, f"{r:.1f}", *(fmt(rank[methods.index(m), j], 1) for j in range(len(names)))] for m, r, _ in overall],
-            f"Rank of each method under each measure (1 = best); the controls {', '.join(sorted(controls))} "
-            "are left out.",
-        )
+    order = [m for m, _, _ in overall]
+    rows = [["mean rank", *(f"**{r:.1f}**" for _, r, _ in overall)]]
+    rows += [[name, *(fmt(rank[methods.index(m), j], 1) for m in order)] for j, name in enumerate(names)]
+    caption = (
+        f"Rank of each method under each measure (1 = best), methods by their mean rank; the controls "
+        f"{', '.join(sorted(controls))} are left out."
     )
+    blocks.append(Table(["measure", *order], rows, caption))
     labels, tau = trust.tau_matrix(measures)
     if len(labels) >= 2:
         blocks.append(
@@ -293,79 +314,95 @@ def trust_section(cfg: RunConfig, command: str) -> Section:
 
 
 def difficulty_section(cfg: RunConfig, command: str) -> Section:
-    section = Section("Example difficulty")
+    subsections = [_vog(cfg, command), _vog_toy(cfg), _insecurity(cfg, command)]
+    return Section("Example difficulty", subsections=[s for s in subsections if s is not None])
+
+
+def _vog(cfg: RunConfig, command: str) -> Section:
     vog = cfg.run_dir / "vog"
-    if (vog / "scores.csv").exists():
-        sub = Section(
-            "VoG",
-            [
-                Text(
-                    "Variance of gradients over the training snapshots: error rate per VoG decile, the per-class "
-                    "extremes, how well each score flags the hard examples (AUROC) and how the scores correlate."
-                )
-            ],
-        )
-        if (vog / "deciles.png").exists():
-            sub.blocks.append(figures.png_file("vog_deciles", vog / "deciles.png", "Error rate per VoG decile."))
-        split = (_json(vog / "summary.json") or {}).get("analysed_split", "test")
-        for name, caption, keep in (
-            (
-                "auroc",
-                f"AUROC of each score for each kind of difficulty ({split} split; VoG over all snapshots).",
-                lambda r: r["split"] == split and r.get("stage") in ("complete", "", None),
-            ),
-            (
-                "correlations",
-                f"Spearman correlation between the scores ({split} split).",
-                lambda r: r["split"] == split,
-            ),
-        ):
-            table = csv_table(vog / f"{name}.csv", caption, keep=keep)
-            if table:
-                sub.blocks.append(table)
-        for grid in sorted((vog / "grids").glob("*.png"))[:3] if (vog / "grids").is_dir() else []:
-            sub.blocks.append(figures.png_file(f"vog_grid_{grid.stem}", grid, f"Lowest and highest VoG: {grid.stem}."))
-        section.subsections.append(sub)
-    else:
-        section.subsections.append(not_run("VoG", command.format(stage="vog")))
+    if not (vog / "scores.csv").exists():
+        return not_run("VoG", command.format(stage="vog"))
+    about = (
+        "Variance of gradients over the training snapshots: error rate per VoG decile, how well each score flags "
+        "the examples made hard (AUROC), how the scores correlate, and the per-class extremes."
+    )
+    blocks: list = [Text(about)]
+    if (vog / "deciles.png").exists():
+        blocks.append(figures.png_file("vog_deciles", vog / "deciles.png", "Error rate per VoG decile."))
+    split = (_json(vog / "summary.json") or {}).get("analysed_split", "test")
+    auroc = csv_table(
+        vog / "auroc.csv",
+        f"AUROC of each score for each kind of difficulty ({split} split; VoG over all snapshots).",
+        keep=lambda r: r["split"] == split and r.get("stage") in ("complete", "", None),
+    )
+    correlations = csv_table(
+        vog / "correlations.csv",
+        f"Spearman correlation between the scores ({split} split).",
+        keep=lambda r: r["split"] == split,
+    )
+    blocks += [t for t in (auroc, correlations) if t is not None]
+    grids = sorted((vog / "grids").glob("*.png"))[:3] if (vog / "grids").is_dir() else []
+    blocks += [figures.png_file(f"vog_grid_{g.stem}", g, f"Lowest and highest VoG: {g.stem}.") for g in grids]
+    return Section("VoG", blocks)
+
+
+def _vog_toy(cfg: RunConfig) -> Section | None:
+    """The toy experiment's figures when ``roar vog-toy`` wrote them beside the run (``runs/vog_toy``)."""
     toy = cfg.run_dir.parent / "vog_toy"
-    if (toy / "summary.json").exists():
-        toy_summary = _json(toy / "summary.json") or {}
-        rho = toy_summary.get("spearman_rho", toy_summary.get("rho"))
-        sub = Section(
-            "VoG on 2-D blobs",
+    summary = _json(toy / "summary.json")
+    if summary is None:
+        return None
+    rho = summary.get("spearman_rho")
+    about = "VoG against each point's distance to the decision boundary" + (
+        f": Spearman ρ = {float(rho):.3f}." if rho is not None else "."
+    )
+    pictures = [toy / f"{name}.png" for name in ("boundary", "vog_vs_distance")]
+    return Section(
+        "VoG on 2-D blobs",
+        [Text(about), *(figures.png_file(f"vog_toy_{p.stem}", p) for p in pictures if p.exists())],
+    )
+
+
+def _insecurity(cfg: RunConfig, command: str) -> Section:
+    out = cfg.run_dir / "insecurity"
+    if not (out / "summary.json").exists():
+        return not_run("Insecurity maps", command.format(stage="insecurity"))
+    about = (
+        "Where the model hesitates between two classes: precision-recall area of each difficulty score and "
+        "variant against the evidence regions of the ambiguous pair (higher is better; map: the insecurity map, "
+        "the difficulty map alone, or the baselines)."
+    )
+    blocks: list = [Text(about)]
+    areas = read_csv(out / "areas.csv")
+    if areas:
+        blocks.append(_area_pivot(areas))
+    pictures = [out / f"{name}.png" for name in ("pr", "examples")]
+    blocks += [figures.png_file(f"insecurity_{p.stem}", p) for p in pictures if p.exists()]
+    return Section("Insecurity maps", blocks)
+
+
+def _area_pivot(areas: list[dict]) -> Table:
+    """Scores × variants: the insecurity map's area, the difficulty map's alone in brackets; then the
+    baselines (the top class's map, a random map) per variant."""
+    variants = list(dict.fromkeys(r["variant"] for r in areas))
+    cell = {(r["score"], r["variant"], r["map"]): float(r["area"]) for r in areas}
+    rows = []
+    for score in dict.fromkeys(r["score"] for r in areas if r["score"]):
+        rows.append(
             [
-                Text(
-                    "VoG against each point's distance to the decision boundary"
-                    + (f": Spearman ρ = {float(rho):.3f}." if rho is not None else ".")
-                )
-            ],
+                score,
+                *(
+                    f"{fmt(cell.get((score, v, 'insecurity')))} ({fmt(cell.get((score, v, 'difficulty')))})"
+                    for v in variants
+                ),
+            ]
         )
-        for name in ("boundary", "vog_vs_distance"):
-            if (toy / f"{name}.png").exists():
-                sub.blocks.append(figures.png_file(f"vog_toy_{name}", toy / f"{name}.png"))
-        section.subsections.append(sub)
-    insecurity = cfg.run_dir / "insecurity"
-    if (insecurity / "summary.json").exists():
-        sub = Section(
-            "Insecurity maps",
-            [
-                Text(
-                    "Where the model hesitates between two classes: precision-recall area of each difficulty score "
-                    "and variant against the evidence regions of the ambiguous pair (higher is better)."
-                )
-            ],
-        )
-        table = csv_table(insecurity / "areas.csv", "Precision-recall areas.")
-        if table:
-            sub.blocks.append(table)
-        for name in ("pr", "examples"):
-            if (insecurity / f"{name}.png").exists():
-                sub.blocks.append(figures.png_file(f"insecurity_{name}", insecurity / f"{name}.png"))
-        section.subsections.append(sub)
-    else:
-        section.subsections.append(not_run("Insecurity maps", command.format(stage="insecurity")))
-    return section
+    for name, label in (("class_map", "top class map alone"), ("random", "random map")):
+        if any(r["map"] == name for r in areas):
+            rows.append([label, *(fmt(cell.get(("", v, name))) for v in variants)])
+    maps = areas[0].get("maps", "?")
+    caption = f"Area under the precision-recall curve ({maps} image-pair maps); in brackets the difficulty map alone."
+    return Table(["score", *variants], rows, caption)
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -375,7 +412,7 @@ def provenance_section(cfg: RunConfig, command: str, resolved: str) -> Section:
     """Where every result came from: each stage's ``provenance.json`` (when it last ran, with which
     code, on which device, from which inputs), the software, and the resolved configuration."""
     rows, software = [], {}
-    for folder in sorted(p for p in cfg.run_dir.iterdir() if p.is_dir() and p.name != "report"):
+    for folder in _stage_folders(cfg.run_dir):
         info = _json(folder / "provenance.json")
         if info is None:
             continue

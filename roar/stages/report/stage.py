@@ -20,6 +20,7 @@ from roar.core.errors import RoarError
 from roar.core.locks import output_folder
 from roar.core.provenance import record_run
 from roar.core.schema import dump_yaml
+from roar.data import build_dataset
 from roar.stages.report import render, sections
 from roar.stages.report.document import Section
 from roar.stages.report.maps import maps_section
@@ -29,10 +30,15 @@ from roar.stages.result import StageResult
 def build(cfg: RunConfig, config_path: str) -> list[Section]:
     """Every section, in reading order; a stage without results gives its "not run" section."""
     command = f"roar {{stage}} --config {config_path}"
+    try:
+        dataset = build_dataset(cfg.dataset)
+    except RoarError as exc:  # the other sections read only the run's files
+        dataset = str(exc)
+    classes = None if isinstance(dataset, str) else dataset.num_classes
     return [
         sections.run_section(cfg, command),
-        maps_section(cfg, command),
-        sections.retrain_section(cfg, command),
+        maps_section(cfg, command, dataset),
+        sections.retrain_section(cfg, command, classes),
         sections.curves_section(cfg, command),
         sections.metrics_section(cfg, command),
         sections.trust_section(cfg, command),

@@ -133,14 +133,14 @@ def findings(measures: Measures, trusted_taus: dict[str, float], flagged: dict[s
     if trusted_taus:
         if chosen:
             best = consensus(methods, names, rank, chosen)
+            agree = (
+                "as the overall consensus does"
+                if best[0][0] == overall[0][0]
+                else (f"where the overall consensus, **{overall[0][0]}**, rests on measures that do not")
+            )
             out.append(
-                f"Only the {len(chosen)} measures that recover the known order of the controls (τ ≥ {RECOVERS}) "
-                f"rank **{best[0][0]}** first (mean rank {best[0][1]:.1f})"
-                + (
-                    "; they agree with the overall consensus."
-                    if best[0][0] == overall[0][0]
-                    else f"; the overall consensus, **{overall[0][0]}**, rests on measures that do not."
-                )
+                f"The {len(chosen)} measures that recover the known order of the controls (τ ≥ {RECOVERS}), taken "
+                f"alone, rank **{best[0][0]}** first (mean rank {best[0][1]:.1f}), {agree}."
             )
         else:
             out.append("None of the measures that score these methods recovers the known order of the controls.")

@@ -32,7 +32,7 @@ from roar.core.atomic import remove_temporaries
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
 from roar.core.locks import FileLock, output_folder
-from roar.core.provenance import changed_keys, fingerprint, record_run
+from roar.core.provenance import changed_keys, fingerprint, record_run, write_json
 from roar.data import Dataset, build_dataset
 from roar.models import build_model
 from roar.perturb.fills import build_fill
@@ -303,16 +303,17 @@ def run(cfg: RunConfig, modes: list[str], shard: str | None = None) -> StageResu
                 shutil.rmtree(folder, ignore_errors=True)  # the row is the result; checkpoints were for resuming
         current_rows = [r for r in read_results(results) if r.get("inputs") == _hash(current(row_key(r)))]
         summary = summarise(out, current_rows, dataset.num_classes)
-    s = {
-        "runs": len(runs),
-        "ran": len(todo),
-        "recomputed": reuse.recomputed,
-        "removed": dropped,
-        "recipe": recipe.recipe or "custom",
-        "epochs": recipe.epochs,
-        "seconds": round(time.perf_counter() - t0, 1),
-        **summary,
-    }
+        s = {
+            "runs": len(runs),
+            "ran": len(todo),
+            "recomputed": reuse.recomputed,
+            "removed": dropped,
+            "recipe": recipe.recipe or "custom",
+            "epochs": recipe.epochs,
+            "seconds": round(time.perf_counter() - t0, 1),
+            **summary,
+        }
+        write_json(out / "summary.json", s)
     notes = [reuse.note(len(runs))] if reuse.recomputed else []
     if dropped:
         notes.append(f"{dropped} row{'s' if dropped > 1 else ''} of earlier inputs outside this sweep removed")
