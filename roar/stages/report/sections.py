@@ -341,7 +341,7 @@ def _vog(cfg: RunConfig, command: str) -> Section:
         keep=lambda r: r["split"] == split,
     )
     blocks += [t for t in (auroc, correlations) if t is not None]
-    grids = sorted((vog / "grids").glob("*.png"))[:3] if (vog / "grids").is_dir() else []
+    grids = sorted((vog / "grids").glob("*.png")) if (vog / "grids").is_dir() else []
     blocks += [figures.png_file(f"vog_grid_{g.stem}", g, f"Lowest and highest VoG: {g.stem}.") for g in grids]
     return Section("VoG", blocks)
 
