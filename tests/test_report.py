@@ -239,3 +239,4 @@ def test_document_anchor_and_number_format():
 
     assert Section("Which method to trust").anchor == "which-method-to-trust"
     assert fmt(0.12345) == "0.123" and fmt(3) == "3" and fmt(float("nan")) == "–" and fmt(None) == "–"
+    assert fmt(1.7e-16, 2) == "0.00" and fmt(2.3e-17, 3, scientific=True) == "2.3e-17"

@@ -77,8 +77,9 @@ def not_run(title: str, command: str, why: str = "not run") -> Section:
     return Section(title, [Text(f"{why[0].upper()}{why[1:]}: `{command}` produces it.")], missing=command)
 
 
-def fmt(value, digits: int = 3) -> str:
-    """A number for a table: fixed digits, integers as integers, missing as an en dash."""
+def fmt(value, digits: int = 3, scientific: bool = False) -> str:
+    """A number for a table: fixed digits, integers as integers, missing as an en dash; with
+    ``scientific``, a value too small to show in fixed digits (a p-value) as 1.2e-17."""
     if value is None or value == "":
         return "–"
     if isinstance(value, bool):
@@ -91,6 +92,6 @@ def fmt(value, digits: int = 3) -> str:
         return str(value)
     if number != number:  # NaN
         return "–"
-    if 0 < abs(number) < 0.5 * 10**-digits:  # would print as 0: a p-value, say
+    if scientific and 0 < abs(number) < 0.5 * 10**-digits:
         return f"{number:.1e}"
     return f"{number:.{digits}f}"

@@ -31,15 +31,19 @@ def _percent(value) -> str:
     return "–" if value in (None, "") else f"{100 * float(value):.1f}%"
 
 
-def csv_table(
-    path: Path, caption: str = "", columns: list[str] | None = None, digits: int = 3, keep=None
-) -> Table | None:
-    """A stage's CSV as a table (the rows ``keep(row)`` accepts), numbers formatted; None when empty."""
+def csv_table(path: Path, caption: str = "", keep=None, scientific: tuple[str, ...] = ()) -> Table | None:
+    """A stage's CSV as a table (the rows ``keep(row)`` accepts), numbers to 3 digits (the
+    ``scientific`` columns, p-values, as 1.2e-17 when smaller); None when empty."""
     rows = [r for r in read_csv(path) if keep is None or keep(r)]
     if not rows:
         return None
-    columns = columns or list(rows[0])
-    return Table(columns, [[fmt(_number(r.get(c)), digits) for c in columns] for r in rows], caption)
+    columns = list(rows[0])
+    return Table(columns, [[fmt(_number(r.get(c)), 3, c in scientific) for c in columns] for r in rows], caption)
+
+
+def _float(text) -> float | None:
+    """A CSV cell as a float (an empty cell: None)."""
+    return None if text in (None, "") else float(text)
 
 
 def _number(text):
@@ -259,8 +263,8 @@ def metrics_section(cfg: RunConfig, command: str) -> Section:
                     [
                         r["measure"],
                         r["family"],
-                        fmt(_number(r["tau"]), 2),
-                        fmt(_number(r["tau_std"]), 2),
+                        fmt(_float(r["tau"]), 2),
+                        fmt(_float(r["tau_std"]), 2),
                         r["samples"],
                         "yes" if r["recovers"] == "True" else "no",
                     ]
@@ -339,6 +343,7 @@ def _vog(cfg: RunConfig, command: str) -> Section:
         vog / "correlations.csv",
         f"Spearman correlation between the scores ({split} split).",
         keep=lambda r: r["split"] == split,
+        scientific=("p",),
     )
     blocks += [t for t in (auroc, correlations) if t is not None]
     grids = sorted((vog / "grids").glob("*.png")) if (vog / "grids").is_dir() else []
