@@ -43,7 +43,16 @@ def cmd_train(args) -> str:
 def cmd_extract(args) -> str:
     from roar.stages import extract
 
-    return extract.run(_load(args)).summary()
+    return extract.run(_load(args), args.shard or extract.torchrun_shard()).summary()
+
+
+def cmd_merge(args) -> str:
+    from roar.stages import extract
+
+    if args.shards < 2:
+        raise RoarError(f"--shards {args.shards}: merging needs at least 2 shards")
+    merged = extract.merge_shards(_load(args), args.shards)
+    return f"merged {args.shards} shards into {', '.join(str(p) for p in merged)}"
 
 
 def cmd_patterns(args) -> str:
@@ -152,7 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="attribution maps of every configured method (task extract-attribution-maps)")
     _config_args(p)
+    p.add_argument(
+        "--shard", metavar="I/N", help="compute rows of shard I of N (0-based) into a shard store; the last one merges"
+    )
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("merge", help="stitch the shard stores of roar extract --shard into one store per split")
+    _config_args(p)
+    p.add_argument("--shards", type=int, required=True, metavar="N", help="how many shards the extraction used")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "patterns",

@@ -12,10 +12,12 @@ after; their digest goes into the provenance and into the identity of every map 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,7 +26,7 @@ from roar.attribution.engine import predict, prepare_model
 from roar.config import MethodEntry, RunConfig
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
-from roar.core.locks import output_folder
+from roar.core.locks import FileLock, output_folder
 from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
 from roar.perturb.reduce import reduce_map
@@ -32,7 +34,9 @@ from roar.stages.patterns import ensure as ensure_patterns
 from roar.stages.patterns import stale_reason
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
-from roar.store import MapStore, StoreWriter
+from roar.store import MapStore, StoreWriter, chunk_rows_for
+from roar.store.format import map_shape
+from roar.store.shards import SHARD, merge, parse_shard, shard_identity, shard_path, shard_paths, shard_ranges
 
 RERUN = "roar extract"  # what recreates a store, for its error messages
 
@@ -105,13 +109,39 @@ def _batches(writer: StoreWriter, names: list[str], batch_size: int, n: int):
             yield start, stop, todo
 
 
+def shard_rows(cfg: RunConfig, dataset: Dataset, split_name: str, shard: tuple[int, int]) -> tuple[int, int, int]:
+    """(lo, hi, chunk rows) of shard ``(i, n)`` of a split: whole batches of the single-process grid."""
+    split = dataset.split(split_name)
+    rows = chunk_rows_for(2 * int(np.prod(map_shape(split.geometry, cfg.attribution.reduction == "none"))), len(split))
+    step = max(rows, (cfg.attribution.batch_size // rows) * rows)
+    try:
+        lo, hi = shard_ranges(len(split), step, shard[1])[shard[0]]
+    except RoarError as exc:
+        raise RoarError(f"--shard {shard[0]}/{shard[1]}: split '{split_name}': {exc}") from None
+    return lo, hi, rows
+
+
 def open_writer(
-    cfg: RunConfig, dataset: Dataset, split_name: str, methods, entries, model_hash: str, patterns: str | None = None
+    cfg: RunConfig,
+    dataset: Dataset,
+    split_name: str,
+    methods,
+    entries,
+    model_hash: str,
+    patterns: str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> StoreWriter:
-    """The store writer of a split: checks (and locks) an existing store against this run's inputs.
-    ``patterns`` is the digest of the model's patterns, part of the identity of the maps that use them."""
+    """The store writer of a split (or of shard ``(i, n)`` of it): checks (and locks) an existing
+    store against this run's inputs. ``patterns`` is the digest of the model's patterns, part of the
+    identity of the maps that use them."""
     split = dataset.split(split_name)
     a = cfg.attribution
+    identity = {"reduction": a.reduction, "target": a.target}
+    path, n, chunk_rows = store_path(cfg, split_name), len(split), None
+    if shard[1] > 1:
+        lo, hi, chunk_rows = shard_rows(cfg, dataset, split_name, shard)
+        identity[SHARD] = shard_identity(*shard, lo, hi, n)
+        path, n = shard_path(path, *shard), hi - lo
     # max_batch only sets the memory budget, not the maps: it is not part of a method's identity.
     spec = {
         e.name: {"method": e.method, "params": methods[e.name].params.model_dump(mode="json", exclude={"max_batch"})}
@@ -121,19 +151,20 @@ def open_writer(
         if "patterns" in methods[e.name].needs:
             spec[e.name]["patterns"] = patterns
     return StoreWriter(
-        store_path(cfg, split_name),
+        path,
         split=split_name,
-        n=len(split),
+        n=n,
         geometry=split.geometry,
         dataset=dataset.name,
         dataset_fingerprint=split.fingerprint(),
         model_hash=model_hash,
         channels=a.reduction == "none",
         methods=spec,
-        identity={"reduction": a.reduction, "target": a.target},
+        identity=identity,
         rerun=RERUN,
         provenance={"seed": cfg.seed, "git_commit": git_commit(), "config": cfg.model_dump(mode="json")},
         compression=None if a.compression == "none" else a.compression,
+        chunk_rows=chunk_rows,
     )
 
 
@@ -150,10 +181,12 @@ def extract_split(
 ) -> dict:
     split = dataset.split(split_name)
     a = cfg.attribution
-    path = store_path(cfg, split_name)
+    path = writer.path
+    offset = writer.header["identity"].get(SHARD, {}).get("rows", [0])[0]  # a shard's first row in the split
     with writer:
         names = [name for name in writer.methods if name in methods]
-        work = list(_batches(writer, names, a.batch_size, len(split)))
+        batches = _batches(writer, names, a.batch_size, writer.n)  # in the writer's rows: the shard's own
+        work = [(offset + start, offset + stop, todo) for start, stop, todo in batches]
         total = sum(stop - start for start, stop, _ in work)
         bar = tqdm(total=total, desc=f"extract {split_name}", unit="img", disable=None, leave=False)
         for start, stop, todo in work:
@@ -180,7 +213,7 @@ def extract_split(
                         )
                     raw = method.from_shared(shared[key], images).float()
                 maps[name] = reduce_map(raw, a.reduction, images.shape[1]).cpu().numpy()
-            writer.write(start, maps, labels.cpu(), predictions.cpu(), indices)
+            writer.write(start - offset, maps, labels.cpu(), predictions.cpu(), indices)
             bar.update(stop - start)
         bar.close()
         writer.finish()
@@ -190,6 +223,7 @@ def extract_split(
             "images": store.n,
             "methods": store.methods,
             "accuracy": float((store.predictions == store.labels).mean()),
+            **({"rows": [offset, offset + store.n]} if offset or store.n < len(split) else {}),
         }
 
 
@@ -213,9 +247,33 @@ def _refuse_maps_of_other_patterns(cfg: RunConfig, dataset: Dataset, model, mode
             )
 
 
-def run(cfg: RunConfig) -> StageResult:
-    """``roar extract`` for a run: stores in ``<run>/attributions/<split>.h5``; returns a summary."""
+def torchrun_shard() -> str | None:
+    """``"RANK/WORLD_SIZE"`` when torchrun launched this process (each rank one shard, on its own GPU:
+    ``LOCAL_RANK``), else None. Ranks share nothing but the files: no process group is needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return f"{int(os.environ.get('RANK', '0'))}/{world}"
+
+
+def merge_shards(cfg: RunConfig, count: int, splits: list[str] | None = None) -> list[Path]:
+    """``roar merge``: stitch each split's ``count`` finished shards into ``<split>.h5`` (``roar.store.shards``)."""
+    merged = []
+    for split in splits or cfg.attribution.split_names():
+        path = store_path(cfg, split)
+        with FileLock(path):  # one merge at a time: the last two shards may finish together
+            merged.append(merge(path, count, RERUN))
+    return merged
+
+
+def run(cfg: RunConfig, shard: str | None = None) -> StageResult:
+    """``roar extract`` for a run (or shard ``"i/n"`` of it): stores in ``<run>/attributions/<split>.h5``;
+    returns a summary. A shard writes ``<split>.shard-<i>-of-<n>.h5``; the shard that finds every
+    shard finished stitches them into ``<split>.h5`` (``roar merge`` does it by hand)."""
     t0 = time.perf_counter()
+    index, count = parse_shard(shard)
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.dataset)
     trained, _, model_path = load_run_model(cfg, dataset, device)
@@ -242,11 +300,21 @@ def run(cfg: RunConfig) -> StageResult:
     inputs = {"dataset": dataset.fingerprint(), "model": model_hash, **({"patterns": digest} if digest else {})}
     out = cfg.run_dir / "attributions"
     splits = cfg.attribution.split_names()
-    with output_folder(out), contextlib.ExitStack() as stores:
+    if count > 1:
+        for split in splits:
+            shard_rows(cfg, dataset, split, (index, count))  # too many shards: refused before anything is written
+            if store_path(cfg, split).exists():
+                raise RoarError(
+                    f"{store_path(cfg, split)} exists: shards write a new store; delete it to extract in shards, "
+                    "or extract in one process to add methods to it"
+                )
+    with output_folder(out, shared=count > 1), contextlib.ExitStack() as stores:
         # Every split's store is checked against this run before anything is written.
         writers = {
             split: stores.enter_context(
-                open_writer(cfg, dataset, split, methods, cfg.attribution.entries(split), model_hash, digest)
+                open_writer(
+                    cfg, dataset, split, methods, cfg.attribution.entries(split), model_hash, digest, (index, count)
+                )
             )
             for split in splits
         }
@@ -255,6 +323,9 @@ def run(cfg: RunConfig) -> StageResult:
             extract_split(cfg, dataset, split, model, methods, writers[split], device, references, patterns)
             for split in splits
         ]
+        merged = []
+        if count > 1 and all(p.exists() for split in splits for p in shard_paths(store_path(cfg, split), count)):
+            merged = merge_shards(cfg, count, splits)
         summary = {
             "splits": results,
             "methods": [e.name for e in entries],
@@ -263,9 +334,16 @@ def run(cfg: RunConfig) -> StageResult:
         }
         if patterns is not None:
             summary["patterns"] = {"digest": digest, "status": patterns_status}
-        write_json(out / "summary.json", summary)
-    splits = ", ".join(f"{r['split']} ({r['images']})" for r in results)
+        if count > 1:
+            summary["shard"] = {"index": index, "count": count, "merged": [str(p) for p in merged]}
+        write_json(out / ("summary.json" if count == 1 else f"summary.shard-{index}-of-{count}.json"), summary)
+    splits = ", ".join(
+        f"{r['split']} ({r['images']}" + (f", rows {r['rows'][0]}-{r['rows'][1]}" if "rows" in r else "") + ")"
+        for r in results
+    )
     line = f"extracted {len(summary['methods'])} methods for {splits} in {summary['seconds']:.0f} s -> {out}"
+    if count > 1:
+        line += f" (shard {index} of {count}; " + ("shards merged)" if merged else "waiting for the other shards)")
     if patterns is not None:
         line += f" (patterns {patterns_status})"
     return StageResult(summary, line)

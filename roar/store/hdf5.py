@@ -119,13 +119,21 @@ class Digest:
         return self._hash.hexdigest()[:16]
 
 
+def chunk_rows_of(maps: h5py.Dataset) -> int:
+    """Rows per chunk of a stored map set: its HDF5 chunks, or for a set stitched from shards (a
+    virtual dataset, which has no chunks of its own) the shards' common ``chunk_rows``."""
+    if maps.chunks:
+        return int(maps.chunks[0])
+    return int(maps.attrs.get("chunk_rows", max(1, len(maps))))
+
+
 def set_digest(maps: h5py.Dataset, scales: h5py.Dataset) -> str:
     """An array set's content digest: the one written at consolidation, or computed from the data
     (files written before digests were recorded)."""
     if "digest" in maps.attrs:
         return attr(maps.attrs["digest"])
     digest = Digest()
-    step = maps.chunks[0] if maps.chunks else max(1, len(maps))
+    step = chunk_rows_of(maps)
     for start in range(0, len(maps), step):
         digest.update(maps[start : start + step], scales[start : start + step])
     return digest.hexdigest()

@@ -31,7 +31,7 @@ from roar.store.format import (
     staging_path,
     store_identity,
 )
-from roar.store.hdf5 import damaged, open_h5, read_header, read_sets, set_digest
+from roar.store.hdf5 import chunk_rows_of, damaged, open_h5, read_header, read_sets, set_digest
 from roar.store.staging import Staging
 
 
@@ -55,7 +55,7 @@ class _H5Maps:
             raise damaged(self.path, exc, self.rerun) from None
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        step = self.maps.chunks[0] if self.maps.chunks else len(self.maps)
+        step = chunk_rows_of(self.maps)
         for start in range(0, len(self.maps), step):
             yield start, self.read(start, min(start + step, len(self.maps)))
 

@@ -45,7 +45,16 @@ from roar.store.format import (
     rerun_hint,
     staging_path,
 )
-from roar.store.hdf5 import Digest, damaged, open_h5, read_header, read_sets, write_header, write_set_attrs
+from roar.store.hdf5 import (
+    Digest,
+    chunk_rows_of,
+    damaged,
+    open_h5,
+    read_header,
+    read_sets,
+    write_header,
+    write_set_attrs,
+)
 from roar.store.identity import check_identity, check_names, check_set, check_store
 from roar.store.staging import Staging, remove_temporaries
 
@@ -88,6 +97,7 @@ class StoreWriter:
         rerun: str | None = None,
         compression: str | None = "lzf",
         extras: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+        chunk_rows: int | None = None,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
@@ -103,6 +113,7 @@ class StoreWriter:
         self.path = Path(path)
         self.compression = compression
         self.rerun = rerun
+        self._requested_chunk_rows = chunk_rows  # a shard takes the whole store's chunk grid
         self._closed = False
         self._lock = FileLock(self.path).acquire()
         try:
@@ -154,7 +165,9 @@ class StoreWriter:
         self.extras = extras_of(self.header)
         self.n = int(self.header["n"])
         self.shape = map_shape(self.header["geometry"], self.header["channels"])
-        self._chunk_rows = chunk_rows or chunk_rows_for(2 * int(np.prod(self.shape)), self.n)
+        self._chunk_rows = (
+            chunk_rows or self._requested_chunk_rows or chunk_rows_for(2 * int(np.prod(self.shape)), self.n)
+        )
         self._setup_staging(manifest, requested)
 
     def _read_existing(self, header: dict) -> tuple[dict | None, dict, dict | None, int | None]:
@@ -169,7 +182,7 @@ class StoreWriter:
             try:
                 rows = {key: f[key][:] for key in ROWS}
                 rows.update({name: f["extras"][name][:] for name in extras_of(stored)})
-                chunk_rows = f["maps"][next(iter(sets))].chunks[0] if sets else None
+                chunk_rows = chunk_rows_of(f["maps"][next(iter(sets))]) if sets else None
             except Exception as exc:
                 raise damaged(self.path, exc, self.rerun) from None
         return stored, {name: info["identity"] for name, info in sets.items()}, rows, chunk_rows

@@ -48,6 +48,7 @@ from roar.perturb.fills import ConstantFill, ablate
 from roar.perturb.ranking import GRANULARITIES, MODES, count, mask_from_ranks, ranks
 from roar.stages.extract import RERUN as EXTRACT
 from roar.store import MapStore
+from roar.store.hdf5 import chunk_rows_of
 from roar.training.sources import _batch_slices, _permutation
 
 Fill = Callable[..., torch.Tensor]
@@ -141,8 +142,7 @@ def _validated_layout(
         if not np.array_equal(store.indices, np.arange(store.n)):
             raise RoarError(f"{store_path}: its rows are not the split's images in order; rerun 'roar extract'")
     with h5py.File(store_path, "r") as f:
-        chunks = f["maps"][method].chunks
-    return int(chunks[0]) if chunks else len(split)
+        return chunk_rows_of(f["maps"][method])
 
 
 # --------------------------------------------------------------------------------------------- in memory
