@@ -32,10 +32,25 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+def cpu_channels_last_is_safe() -> bool:
+    """Whether oneDNN computes channels_last convolutions correctly on this CPU.
+
+    On CPUs without AVX-512 oneDNN runs its AVX2 kernels, whose backward pass of a strided 1×1
+    convolution in channels_last (ResNet's downsampling shortcut) computes wrong gradients and,
+    with fewer input channels than its block of 8, writes past its workspace (oneDNN issue
+    #6035, open): training goes astray or the process dies of heap corruption. There the CPU
+    keeps the default layout; AVX-512 CPUs and GPUs are unaffected.
+    """
+    return torch.backends.cpu.get_cpu_capability() not in {"DEFAULT", "NO AVX", "AVX", "AVX2"}
+
+
 def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
-    """channels_last when enabled: convolutions run faster in it on CUDA and, with oneDNN, on
-    the CPU too (about 1.5× for ResNet8 training on 2 cores)."""
-    return torch.channels_last if channels_last else torch.contiguous_format
+    """channels_last when enabled: convolutions run faster in it on CUDA and, with oneDNN on an
+    AVX-512 CPU, on the CPU too (about 1.5× for ResNet8 training on 2 cores); on other CPUs it is
+    not safe (``cpu_channels_last_is_safe``) and the default layout is kept."""
+    if not channels_last or (device.type == "cpu" and not cpu_channels_last_is_safe()):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def pin_memory(device: torch.device) -> bool:
