@@ -36,8 +36,29 @@ def _load(args):
 
 def cmd_train(args) -> str:
     from roar.stages import train
+    from roar.training import distributed
 
-    return train.run(_load(args), restart=args.restart).summary()
+    cfg = _load(args)
+    if args.nproc is not None:  # start N ranks of this same command through torchrun
+        rank_args = ["train", "--config", args.config, *(f"--set={o}" for o in args.overrides)]
+        rank_args += ["--restart"] if args.restart else []
+        status = distributed.launch(
+            rank_args,
+            args.nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            batch_size=cfg.training.batch_size,
+        )
+        if status:
+            raise RoarError(f"torchrun exited with status {status}: a rank failed (its error is above); rerun to resume")
+        return ""  # rank 0 has printed the summary
+    try:
+        result = train.run(cfg, restart=args.restart)
+    finally:
+        distributed.shutdown()
+    return result.summary() if distributed.is_main() else ""
 
 
 def cmd_extract(args) -> str:
@@ -157,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the base classifier (task train-cls)")
     _config_args(p)
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming from it")
+    ddp = p.add_argument_group("data-parallel training through torchrun (training.batch_size is the global batch)")
+    ddp.add_argument("--nproc", type=int, metavar="N", help="processes per machine: one per GPU, or CPU processes (gloo)")
+    ddp.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines taking part (default: 1)")
+    ddp.add_argument("--node-rank", type=int, default=0, metavar="K", help="this machine's index, 0 to M-1")
+    ddp.add_argument("--master-addr", metavar="HOST", help="address of machine 0 (several machines)")
+    ddp.add_argument("--master-port", type=int, metavar="PORT", help="a free port on machine 0 (default: 29500)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("extract", help="attribution maps of every configured method (task extract-attribution-maps)")

@@ -116,3 +116,55 @@ def test_torchrun_ranks_are_shards(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert extract.torchrun_shard() == "3/4"
+
+
+# ------------------------------------------------------------------------------------------------ Slurm
+
+
+def _array(script: str, count: int, args: list[str], repo) -> None:
+    """Run a Slurm array job's tasks as concurrent processes, as ``sbatch --array=0-(count-1)`` would."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "SLURM_ARRAY_TASK_COUNT": str(count), "OMP_NUM_THREADS": "1"}
+    tasks = [
+        subprocess.Popen(
+            ["bash", str(repo / "docs" / "cluster" / script), *args],
+            cwd=repo,
+            env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(count)
+    ]
+    for task in tasks:
+        out, _ = task.communicate(timeout=600)
+        assert task.returncode == 0, out
+
+
+def test_the_slurm_recipes_run_as_array_tasks_giving_one_process_maps_and_every_sweep_row(trained_run, tmp_path, repo):
+    from roar.core.tables import read_csv
+
+    sets = [
+        "attribution.methods=[gradient, random, ground_truth]",
+        "retrain.methods=[random, ground_truth]",
+        "retrain.thresholds=[50]",
+        "retrain.training.epochs=1",
+    ]
+    single, _ = run_copy(trained_run, tmp_path, "single", sets)
+    array, args = run_copy(trained_run, tmp_path, "array", sets)
+    args = ["--config", "configs/smoke.yaml", *(x for s in args for x in ("--set", s))]
+    extract.run(single)
+    # the 256 test images are one batch: extracted in one process; the 1536 training images, 6 batches, by 2 tasks
+    extract.run(array.model_copy(update={"attribution": array.attribution.model_copy(update={"splits": ["test"]})}))
+    _array("extract.sbatch", 2, [*args, "--set", "attribution.splits=[train]"], repo)
+    for split in ("train", "test"):
+        with MapStore.open(extract.store_path(single, split)) as a, MapStore.open(extract.store_path(array, split)) as b:
+            assert all(a.digest(m) == b.digest(m) for m in a.methods) and a.methods == b.methods
+    # The sweep's shards give one process's rows (tests/test_sweep.py): here, that the recipe runs them all, once.
+    _array("retrain.sbatch", 2, [*args, "--mode", "roar"], repo)
+    found = read_csv(array.run_dir / "retrain" / "results.csv")
+    keys = sorted((r["mode"], r["method"], r["threshold"], r["seed"]) for r in found)
+    assert keys == [("baseline", "unmodified", "0", "0"), ("roar", "ground_truth", "50", "0"), ("roar", "random", "50", "0")]

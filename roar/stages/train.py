@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from roar.core.provenance import changed_keys, file_hash, flatten, record_run, w
 from roar.data import Dataset, build_dataset
 from roar.models import Classifier, build_model
 from roar.stages.result import StageResult
+from roar.training import distributed
 from roar.training.checkpoint import check_resumable, load_checkpoint, save_atomic
 from roar.training.sources import source_for
 from roar.training.trainer import fit, load_trained_model
@@ -60,37 +62,53 @@ def run(cfg: RunConfig, restart: bool = False) -> StageResult:
     """``roar train``: the base classifier of a run, in ``<run>/train``; returns its summary.
 
     Everything is checked before anything is written: a run refused because its config no longer
-    matches the checkpoint leaves the folder as it was.
+    matches the checkpoint leaves the folder as it was. Under torchrun every rank runs this; rank 0
+    takes the folder's lock, decides (refuse, resume, skip) for all and alone writes.
     """
     out_dir = cfg.run_dir / "train"
-    device = resolve_device(cfg.device)
+    w, device = distributed.init(resolve_device(cfg.device))
+    distributed.per_rank_batch(cfg.training.batch_size, w.size)
     torch.manual_seed(cfg.seed)
-    dataset = build_dataset(cfg.dataset)
+    dataset = distributed.main_first(lambda: build_dataset(cfg.dataset), w)  # rank 0 fills a cache, if any
     meta = model_metadata(dataset, cfg)
     fingerprint = _training_fingerprint(cfg, dataset, meta)
     model = build_model(cfg.model, dataset.num_classes, dataset.train.geometry, dataset.mean, dataset.std)
-    with output_folder(out_dir):
-        if restart:
-            for stale in ["last.pt", "summary.json", "model.pt", "metrics.jsonl"]:
-                (out_dir / stale).unlink(missing_ok=True)
-            for snap in (out_dir / "snapshots").glob("*.pt"):
-                snap.unlink()
-        last = out_dir / "last.pt"
-        state = load_checkpoint(last) if last.exists() else None
-        check_resumable(state, fingerprint, last)
-        summary = _read_summary(out_dir / "summary.json")
-        if summary is not None and state is not None and (out_dir / "model.pt").exists():
-            return _result(cfg, {**summary, "skipped": True})
-        del state
-        record_run(out_dir, cfg, {"dataset": dataset.fingerprint()}, device)
+    with contextlib.ExitStack() as held:
+
+        def begin() -> dict | None:
+            """On rank 0: lock, restart, refuse or resume; the summary of a finished run (else None)."""
+            held.enter_context(output_folder(out_dir))
+            if restart:
+                for stale in ["last.pt", "summary.json", "model.pt", "metrics.jsonl"]:
+                    (out_dir / stale).unlink(missing_ok=True)
+                for snap in (out_dir / "snapshots").glob("*.pt"):
+                    snap.unlink()
+            last = out_dir / "last.pt"
+            state = load_checkpoint(last) if last.exists() else None
+            check_resumable(state, fingerprint, last)
+            summary = _read_summary(out_dir / "summary.json")
+            if summary is not None and state is not None and (out_dir / "model.pt").exists():
+                return summary
+            record_run(out_dir, cfg, {"dataset": dataset.fingerprint()}, device, world_size=w.size)
+            return None
+
+        finished = distributed.on_main(begin, w)
+        if finished is not None:
+            return _result(cfg, {**finished, "skipped": True})
         train_source = source_for(dataset.train, device, cfg.training.num_workers)
         test_source = source_for(dataset.test, device, cfg.training.num_workers)
-        summary, predictions = fit(
-            model, train_source, test_source, cfg.training, out_dir, cfg.seed, device, fingerprint=fingerprint
+        summary, _ = fit(
+            model, train_source, test_source, cfg.training, out_dir, cfg.seed, device, fingerprint=fingerprint, w=w
         )
-        save_atomic({"state_dict": model.state_dict(), "meta": meta, "summary": summary}, out_dir / "model.pt")
         summary.update({"dataset": dataset.name, "model": cfg.model.name, "device": str(device)})
-        write_json(out_dir / "summary.json", summary)
+        if w.distributed:
+            summary["processes"] = w.size
+
+        def finish() -> None:
+            save_atomic({"state_dict": model.state_dict(), "meta": meta, "summary": summary}, out_dir / "model.pt")
+            write_json(out_dir / "summary.json", summary)
+
+        distributed.on_main(finish, w)  # every rank returns once the model is on disk
     return _result(cfg, summary)
 
 

@@ -48,7 +48,10 @@ def shard_ranges(n: int, step: int, count: int) -> list[tuple[int, int]]:
     as even in batches as possible. More shards than batches would leave one empty: refused."""
     batches = -(-n // step)
     if count > batches:
-        raise RoarError(f"{count} shards for {batches} batches of {step} rows: use at most {batches} shards")
+        plural = "es" if batches > 1 else ""
+        raise RoarError(
+            f"{count} shards for {batches} batch{plural} of {step} rows: use at most {batches} shard{'s' * (batches > 1)}"
+        )
     cuts = [min(n, (batches * i // count) * step) for i in range(count + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 

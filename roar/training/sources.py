@@ -11,11 +11,15 @@ Two paths with one interface, ``source.batches(batch_size, generator)`` yielding
 
 ROAR/KAR retraining reads ablated batches from its own sources with the same interface
 (``roar.stages.retrain.data``).
+
+Both take an optional ``shard``, a function from the epoch's order to this process's part of it
+(``roar.training.distributed.shard`` or ``split``): in data-parallel training every rank draws the
+same seeded permutation and keeps only its own part, so the ranks need not exchange indices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
@@ -24,6 +28,7 @@ from roar.core.device import pin_memory
 from roar.data.base import ImageSplit
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Shard = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _permutation(n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -48,9 +53,15 @@ class InMemorySource:
         return len(self.labels)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        shard: Shard | None = None,
     ) -> Iterator[Batch]:
         order = _permutation(len(self), generator)
+        if shard is not None:
+            order = shard(order)
         for idx in _batch_slices(order, batch_size, drop_last):
             idx_dev = idx.to(self.device)
             images = self.images[idx_dev].float().div_(255)
@@ -81,15 +92,24 @@ class StreamSource:
         return len(self.split)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        shard: Shard | None = None,
     ) -> Iterator[Batch]:
         data = _Indexed(self.split)
-        sampler = RandomSampler(data, generator=generator) if generator is not None else SequentialSampler(data)
+        if shard is not None:  # this rank's part of the order, in its order
+            sampler = shard(_permutation(len(data), generator)).tolist()
+        elif generator is not None:
+            sampler = RandomSampler(data, generator=generator)
+        else:
+            sampler = SequentialSampler(data)
         loader = DataLoader(
             data,
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=drop_last and len(data) > batch_size,
+            drop_last=drop_last and len(sampler) > batch_size,
             num_workers=self.num_workers,
             pin_memory=pin_memory(self.device),
             persistent_workers=False,

@@ -4,6 +4,11 @@ Deterministic on the CPU: every epoch draws its order and augmentation from a ge
 by (seed, epoch), so a run killed after epoch k and resumed from its checkpoint takes exactly
 the same steps as one that was never interrupted. ROAR/KAR retraining reuses ``fit`` with
 ablated sources, which is what "retrain with the base recipe" means.
+
+Under torchrun ``fit`` trains data-parallel (``roar.training.distributed``): ``batch_size`` stays
+the global batch, every rank draws the epoch's order from the same generator and trains on its
+own part of each global batch, DDP averages the gradients, and rank 0 alone writes the metrics,
+checkpoints and snapshots. A single process takes exactly the steps it always took.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from roar.core.errors import RoarError
 from roar.models import Classifier, build_model
 from roar.training.augment import flip_choices, random_crop_flip
 from roar.training.averaging import Averages
+from roar.training import distributed
 from roar.training.checkpoint import check_resumable, load_checkpoint, save_atomic
 from roar.training.config import TrainingConfig
+from roar.training.distributed import SINGLE, World
 from roar.training.whitening import whiten_first_conv
 
 # ---------------------------------------------------------------- optimisation
@@ -80,6 +87,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def augment_generator(seed: int, epoch: int, w: World) -> torch.Generator | None:
+    """The augmentation stream of rank ``w.rank`` of a data-parallel run (None for one process, whose
+    augmentation continues the epoch's stream): the ranks share the order's stream, and would
+    otherwise crop and flip their different images with identical draws."""
+    if not w.distributed:
+        return None
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + w.rank + 1)
+
+
 # ---------------------------------------------------------------- one epoch, evaluation
 
 
@@ -92,17 +108,20 @@ def evaluate(
     amp: bool = True,
     channels_last: bool = True,
     tta: str = "none",
+    w: World = SINGLE,
 ):
     """Accuracy, mean loss and the predictions [N] (on the CPU, in index order) of ``source``.
 
-    ``tta="flip"`` averages the logits of each image and its mirror image.
+    ``tta="flip"`` averages the logits of each image and its mirror image. With several ranks each
+    evaluates its contiguous part and the counts and predictions are summed, identical on every rank.
     """
     model.eval()
-    predictions = torch.empty(len(source), dtype=torch.int64)
+    predictions = torch.zeros(len(source), dtype=torch.int64)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     fmt = memory_format(device, channels_last)
-    for images, labels, idx in source.batches(batch_size):
+    part = {"shard": lambda order: distributed.split(order, w.rank, w.size)} if w.distributed else {}
+    for images, labels, idx in source.batches(batch_size, **part):
         with autocast(device, amp):
             logits = model(images.contiguous(memory_format=fmt)).float()
             if tta == "flip":
@@ -111,6 +130,9 @@ def evaluate(
         pred = logits.argmax(1)
         correct += (pred == labels).sum()
         predictions[idx] = pred.cpu()
+    if w.distributed:  # each index was predicted by one rank, zero elsewhere
+        correct, loss_sum = distributed.sum_over_ranks(correct, w), distributed.sum_over_ranks(loss_sum, w)
+        predictions = distributed.sum_over_ranks(predictions, w)
     n = max(len(source), 1)
     return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}, predictions
 
@@ -143,23 +165,35 @@ def train_one_epoch(
     epoch: int = 0,
     averages: Averages | None = None,
     flips: torch.Tensor | None = None,
+    w: World = SINGLE,
+    step_model: torch.nn.Module | None = None,
+    augment: torch.Generator | None = None,
 ):
     """One pass over ``source``. ``flips`` (bool [N], with ``augment.flip: alternating``) flips each
-    example on odd epochs and its complement on even ones."""
+    example on odd epochs and its complement on even ones.
+
+    Data-parallel (``w``): ``step_model`` is ``model`` in DDP, this rank trains on its part of each
+    global batch of ``cfg.batch_size`` and crops with its own ``augment`` stream; the loss and
+    accuracy returned are those of the global batches, the same on every rank.
+    """
     model.train()
     fmt = memory_format(device, cfg.channels_last)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    seen = torch.zeros((), dtype=torch.int64)
     lr = optimizer.param_groups[0]["lr"]
     steps_per_epoch = math.ceil(len(source) / cfg.batch_size)
-    for i, (images, labels, idx) in enumerate(source.batches(cfg.batch_size, generator, drop_last=True)):
+    batch = distributed.per_rank_batch(cfg.batch_size, w.size)
+    part = {"shard": lambda order: distributed.shard(order, batch, w.rank, w.size)} if w.distributed else {}
+    step_model = step_model or model
+    augment = augment or generator
+    for i, (images, labels, idx) in enumerate(source.batches(batch, generator, drop_last=True, **part)):
         flip = cfg.augment.flip is True
         if cfg.augment.flip == "alternating":
             flip = (flips[idx] ^ (epoch % 2 == 0)).to(images.device)
-        images = random_crop_flip(images, cfg.augment.crop_padding, flip, generator)[0]
+        images = random_crop_flip(images, cfg.augment.crop_padding, flip, augment)[0]
         with autocast(device, cfg.amp):
-            logits = model(images.contiguous(memory_format=fmt))
+            logits = step_model(images.contiguous(memory_format=fmt))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,6 +209,10 @@ def train_one_epoch(
         if snapshots is not None and snapshots.every_steps and step % snapshots.every_steps == 0:
             kept = averages.evaluated(model) if averages is not None else model  # as the epoch snapshots
             snapshots.save(kept, epoch - 1 + (i + 1) / steps_per_epoch, step, f"step_{step:07d}")
+    if w.distributed:  # one collective per epoch: the global batches' loss and accuracy
+        loss_sum, correct = distributed.sum_over_ranks(loss_sum, w), distributed.sum_over_ranks(correct, w)
+        seen = distributed.sum_over_ranks(seen, w)
+    seen = int(seen)
     loss_sum = loss_sum.item()
     if not math.isfinite(loss_sum):
         raise RoarError(f"training diverged in epoch {epoch} (loss is not finite): lower training.optimizer.lr")
@@ -212,6 +250,7 @@ def fit(
     device: torch.device,
     desc: str = "train",
     fingerprint: dict | None = None,
+    w: World = SINGLE,
 ):
     """Train ``model`` on ``train_source`` for ``cfg.epochs``, resuming from ``out_dir/last.pt``.
 
@@ -221,16 +260,30 @@ def fit(
     identifies what is being trained; a checkpoint made for anything else is refused rather than
     silently continued. With ``cfg.ema`` the averaged weights are copied into ``model`` at the end:
     the returned model is the one evaluated.
+
+    With several ranks (``w``, from ``distributed.init``) every rank calls ``fit`` alike; rank 0
+    alone writes, and the caller holds the folder's lock on rank 0. Each rank loads ``last.pt``
+    itself (written atomically, and only after an epoch every rank has finished).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint or {}
     model.to(device=device, memory_format=memory_format(device, cfg.channels_last))
     last = out_dir / "last.pt"
-    state = load_checkpoint(last, device) if last.exists() else None
-    check_resumable(state, fingerprint, last)
+    distributed.per_rank_batch(cfg.batch_size, w.size)  # refused before anything is written
+
+    found: dict = {}
+
+    def check() -> bool:  # on rank 0: a refused checkpoint stops every rank
+        out_dir.mkdir(parents=True, exist_ok=True)
+        found["state"] = load_checkpoint(last, device) if last.exists() else None
+        check_resumable(found["state"], fingerprint, last)
+        return found["state"] is not None
+
+    resuming = distributed.on_main(check, w)
+    state = found["state"] if w.main else load_checkpoint(last, device) if resuming else None
     if state is None:
         prepare(model, train_source, cfg, seed)
+        distributed.broadcast_modules([model], w)  # every rank starts from rank 0's initial weights
     else:
         prepare(model, train_source, cfg.model_copy(update={"whiten_init": False}), seed)  # the weights are loaded
     optimizer = make_optimizer(model, cfg)
@@ -252,10 +305,12 @@ def fit(
         averages.load_state_dict(state.get("averages", {}))
         start_epoch, step, elapsed = state["epoch"], state["step"], state["seconds"]
         trained = state.get("train_seconds", elapsed)
-    _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
+    if w.main:
+        _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
+    step_model = distributed.wrap(model, device, w)  # rank 0's weights on every rank from here
 
     def test(net):
-        return evaluate(net, test_source, cfg.eval_batch_size, device, cfg.amp, cfg.channels_last, cfg.tta)
+        return evaluate(net, test_source, cfg.eval_batch_size, device, cfg.amp, cfg.channels_last, cfg.tta, w)
 
     bar = tqdm(
         range(start_epoch + 1, cfg.epochs + 1),
@@ -263,7 +318,7 @@ def fit(
         initial=start_epoch,
         total=cfg.epochs,
         unit="epoch",
-        disable=None,
+        disable=None if w.main else True,
         leave=False,
     )
     final = None
@@ -278,11 +333,16 @@ def fit(
             epoch_generator(seed, epoch),
             device,
             step,
-            snapshots,
+            snapshots if w.main else None,
             epoch,
             averages,
             flips,
+            w,
+            step_model,
+            augment_generator(seed, epoch, w),
         )
+        if w.distributed:  # BatchNorm statistics are each rank's own after its last step: keep rank 0's
+            distributed.broadcast_tensors([*model.buffers(), *_averaged_buffers(averages)], w)
         if epoch == cfg.epochs:
             averages.finish(model)
         trained += time.perf_counter() - t0
@@ -292,24 +352,22 @@ def fit(
             row.update(test_loss=final[0]["loss"], test_accuracy=final[0]["accuracy"])
         elapsed += time.perf_counter() - t0
         row.update(train_seconds=round(trained, 2), seconds=round(elapsed, 2))
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if snapshots.at_epoch(epoch):
-            snapshots.save(averages.evaluated(model), epoch, step, f"epoch_{epoch:04d}")
-        save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "averages": averages.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "seconds": elapsed,
-                "train_seconds": trained,
-                "fingerprint": fingerprint,
-            },
-            last,
-        )
+        if w.main:
+            _save_epoch(out_dir, row, snapshots, averages, model, epoch, step)
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "averages": averages.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "seconds": elapsed,
+                    "train_seconds": trained,
+                    "fingerprint": fingerprint,
+                },
+                last,
+            )
         postfix = {"loss": f"{train_metrics['train_loss']:.3f}"}
         if "test_accuracy" in row:
             postfix["test_acc"] = f"{row['test_accuracy']:.3f}"
@@ -329,6 +387,18 @@ def fit(
         "train_seconds": round(trained, 2),
     }
     return summary, final[1]
+
+
+def _averaged_buffers(averages: Averages) -> list[torch.Tensor]:
+    return list(averages.ema.model.buffers()) if averages.ema is not None else []
+
+
+def _save_epoch(out_dir: Path, row: dict, snapshots: Snapshots, averages: Averages, model, epoch: int, step: int):
+    """An epoch's metrics line and, if one is due, its snapshot (on rank 0)."""
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if snapshots.at_epoch(epoch):
+        snapshots.save(averages.evaluated(model), epoch, step, f"epoch_{epoch:04d}")
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:

@@ -7,8 +7,9 @@ single-threaded retrainings side by side finish sooner than two in a row on two 
 child is an ordinary ``roar evaluate --shard k/n`` of the same resolved config, appending to the
 shared, locked ``results.csv``; the parent shows one progress bar over the rows they write, and a
 child that fails stops the others and is reported by its ``error:`` line. Children get the parent's
-cores divided among them (``OMP_NUM_THREADS``) and die with the parent (Linux), so a killed sweep
-leaves no orphan writing behind it; a rerun resumes from ``results.csv`` as usual.
+cores divided among them (``OMP_NUM_THREADS``), on a GPU machine one GPU each (``CUDA_VISIBLE_DEVICES``,
+round robin), and die with the parent (Linux), so a killed sweep leaves no orphan writing behind it;
+a rerun resumes from ``results.csv`` as usual.
 """
 
 from __future__ import annotations
@@ -34,6 +35,27 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (none on a CPU machine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def child_env(k: int, jobs: int, gpus: list[str]) -> dict[str, str]:
+    """Child k's environment: its share of the cores and, on a GPU machine, GPU k mod #GPUs alone, so
+    that ``retrain.jobs`` equal to the number of GPUs runs one retraining per GPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores() // jobs)), "PYTHONUNBUFFERED": "1"}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+    return env
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -49,13 +71,14 @@ def run_shards(config_text: str, modes: list[str], jobs: int, out: Path, count_r
     config = work / "config.yaml"
     config.write_text(config_text)
     mode = "both" if len(modes) == 2 else modes[0]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores() // jobs)), "PYTHONUNBUFFERED": "1"}
+    gpus = visible_gpus()
     children = []
     for k in range(jobs):
         log = open(work / f"shard-{k}.log", "w")  # noqa: SIM115 - closed when the child is reaped
         command = [sys.executable, "-m", "roar", "retrain", "--mode", mode, "--config", str(config)]
         command += ["--shard", f"{k}/{jobs}"]
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        env = child_env(k, jobs, gpus)
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)
         children.append((k, child, log))
     start = count_rows()
