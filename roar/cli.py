@@ -52,7 +52,9 @@ def cmd_train(args) -> str:
             batch_size=cfg.training.batch_size,
         )
         if status:
-            raise RoarError(f"torchrun exited with status {status}: a rank failed (its error is above); rerun to resume")
+            raise RoarError(
+                f"torchrun exited with status {status}: a rank failed (its error is above); rerun to resume"
+            )
         return ""  # rank 0 has printed the summary
     try:
         result = train.run(cfg, restart=args.restart)
@@ -63,8 +65,9 @@ def cmd_train(args) -> str:
 
 def cmd_extract(args) -> str:
     from roar.stages import extract
+    from roar.training.distributed import torchrun_shard
 
-    return extract.run(_load(args), args.shard or extract.torchrun_shard()).summary()
+    return extract.run(_load(args), args.shard or torchrun_shard()).summary()
 
 
 def cmd_merge(args) -> str:
@@ -97,8 +100,9 @@ def cmd_curves(args) -> str:
 
 def cmd_vog(args) -> str:
     from roar.stages.vog import stage
+    from roar.training.distributed import torchrun_shard
 
-    return stage.run(_load(args)).summary()
+    return stage.run(_load(args), args.shard or torchrun_shard()).summary()
 
 
 def cmd_metrics(args) -> str:
@@ -179,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming from it")
     ddp = p.add_argument_group("data-parallel training through torchrun (training.batch_size is the global batch)")
-    ddp.add_argument("--nproc", type=int, metavar="N", help="processes per machine: one per GPU, or CPU processes (gloo)")
+    ddp.add_argument(
+        "--nproc", type=int, metavar="N", help="processes per machine: one per GPU, or CPU processes (gloo)"
+    )
     ddp.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines taking part (default: 1)")
     ddp.add_argument("--node-rank", type=int, default=0, metavar="K", help="this machine's index, 0 to M-1")
     ddp.add_argument("--master-addr", metavar="HOST", help="address of machine 0 (several machines)")
@@ -227,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vog", help="VoG example difficulty and peer scores over the training snapshots (task vog)")
     _config_args(p)
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="compute the gradients of rows of shard I of N (0-based); the last one merges; then 'roar vog' scores",
+    )
     p.set_defaults(func=cmd_vog)
 
     p = sub.add_parser(

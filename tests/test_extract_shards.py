@@ -12,6 +12,7 @@ from roar.core.errors import RoarError
 from roar.stages import extract
 from roar.store import MapStore
 from roar.store.shards import shard_path, shard_ranges
+from roar.training import distributed
 
 # Stochastic methods included: their per-batch random streams must be the ones a single process draws.
 SETS = [
@@ -111,11 +112,11 @@ def test_too_many_shards_or_an_existing_store_are_refused_before_writing(trained
 
 def test_torchrun_ranks_are_shards(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert extract.torchrun_shard() is None
+    assert distributed.torchrun_shard() is None
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert extract.torchrun_shard() == "3/4"
+    assert distributed.torchrun_shard() == "3/4"
 
 
 # ------------------------------------------------------------------------------------------------ Slurm
@@ -161,10 +162,17 @@ def test_the_slurm_recipes_run_as_array_tasks_giving_one_process_maps_and_every_
     extract.run(array.model_copy(update={"attribution": array.attribution.model_copy(update={"splits": ["test"]})}))
     _array("extract.sbatch", 2, [*args, "--set", "attribution.splits=[train]"], repo)
     for split in ("train", "test"):
-        with MapStore.open(extract.store_path(single, split)) as a, MapStore.open(extract.store_path(array, split)) as b:
+        with (
+            MapStore.open(extract.store_path(single, split)) as a,
+            MapStore.open(extract.store_path(array, split)) as b,
+        ):
             assert all(a.digest(m) == b.digest(m) for m in a.methods) and a.methods == b.methods
     # The sweep's shards give one process's rows (tests/test_sweep.py): here, that the recipe runs them all, once.
     _array("retrain.sbatch", 2, [*args, "--mode", "roar"], repo)
     found = read_csv(array.run_dir / "retrain" / "results.csv")
     keys = sorted((r["mode"], r["method"], r["threshold"], r["seed"]) for r in found)
-    assert keys == [("baseline", "unmodified", "0", "0"), ("roar", "ground_truth", "50", "0"), ("roar", "random", "50", "0")]
+    assert keys == [
+        ("baseline", "unmodified", "0", "0"),
+        ("roar", "ground_truth", "50", "0"),
+        ("roar", "random", "50", "0"),
+    ]

@@ -73,3 +73,35 @@ def test_resnet50_weight_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setattr("torchvision.models.ResNet50_Weights.get_state_dict", offline)
     with pytest.raises(RoarError, match="set model.weights to its path"):
         build_model(ResNet50Config(weights="imagenet"), 10, (3, 64, 64), (0.5,) * 3, (0.25,) * 3)
+
+
+@pytest.mark.parametrize("stride, channels, width", [(1, 8, 8), (2, 8, 16), (2, 4, 4)])
+def test_resnet8_block_is_torchvisions_basic_block(stride, channels, width):
+    """Same modules, same state-dict keys, same outputs and gradients, in training and in evaluation."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock as Reference
+
+    from roar.models.resnet8 import BasicBlock
+
+    def downsample():
+        if stride == 1 and channels == width:
+            return None
+        return nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+
+    torch.manual_seed(0)
+    ours, reference = (
+        BasicBlock(channels, width, stride, downsample()),
+        Reference(channels, width, stride, downsample()),
+    )
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    modules = [[(name, type(m)) for name, m in net.named_modules()][1:] for net in (ours, reference)]
+    assert modules[0] == modules[1]
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(4, channels, 8, 8)
+    for mode in (True, False):
+        ours.train(mode), reference.train(mode)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = ours(a), reference(b)
+        torch.testing.assert_close(out, ref)
+        out.square().sum().backward(), ref.square().sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)

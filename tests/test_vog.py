@@ -539,3 +539,34 @@ def test_a_run_killed_during_the_peer_pass_resumes_to_the_scores_of_an_uninterru
     assert "recomputed" not in capsys.readouterr().out  # what the killed run stored is resumed, not discarded
     assert (run_dir / "vog" / "scores.csv").read_bytes() == (cfg.run_dir / "vog" / "scores.csv").read_bytes()
     assert not list((run_dir / "vog").rglob(".*.tmp*"))  # what the killed writer left half-written is gone
+
+
+def test_gradients_in_two_shards_merge_into_the_one_process_store_and_score_alike(vog_run, trained_run, tmp_path):
+    """``roar vog --shard i/2``: each shard's rows of every snapshot, stitched by the last shard into a
+    store with the one-process digests; ``roar vog`` then scores from it exactly as from that store."""
+    from roar.store import MapStore
+    from roar.store.shards import shard_paths
+
+    one, _, _ = vog_run
+    cfg, _ = run_copy(trained_run, tmp_path, "sharded", ["vog.grid_classes=2", "vog.grid_k=3", "vog.splits=[train]"])
+    first = run(cfg, "0/2")
+    assert "waiting for the other shards" in first.summary() and first["shard"]["merged"] == []
+    second = run(cfg, "1/2")
+    assert "gradients merged; run 'roar vog'" in second.summary()
+    (lo0, hi0), (lo1, hi1) = first["splits"][0]["rows"], second["splits"][0]["rows"]
+    assert lo0 == 0 and hi0 == lo1 and hi1 == cfg.dataset.train_size
+    path = gradient_path(cfg, "train")
+    assert all(p.exists() for p in shard_paths(path, 2))
+    with MapStore.open(path) as merged, MapStore.open(gradient_path(one, "train")) as single:
+        assert merged.methods == single.methods and all(merged.digest(m) == single.digest(m) for m in single.methods)
+        assert np.array_equal(merged.predictions, single.predictions)
+    with pytest.raises(RoarError, match="shards write a new gradient store"):
+        run(cfg, "0/2")
+    before = file_hash(path)
+    scored = run(cfg)  # the peers' forward passes only
+    assert file_hash(path) == before and not scored["recomputed"], "the merged gradients are reused"
+
+    def train_rows(run_cfg):
+        return [r for r in _rows(run_cfg.run_dir / "vog" / "scores.csv") if r["split"] == "train"]
+
+    assert train_rows(cfg) == train_rows(one)

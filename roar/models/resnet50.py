@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
 
 from roar.core.errors import RoarError
 from roar.models.base import ModelConfig
@@ -25,6 +24,8 @@ class ResNet50Config(ModelConfig):
 
 
 def _pretrained() -> dict:
+    from torchvision.models import ResNet50_Weights  # imported on use: torchvision takes seconds to import
+
     try:
         return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
     except Exception as exc:  # urllib raises several types when offline
@@ -48,6 +49,8 @@ def _local(path: str) -> dict:
 
 @MODELS.register("resnet50", ResNet50Config)
 def build_resnet50(cfg: ResNet50Config, num_classes: int, geometry: tuple[int, ...]) -> nn.Module:
+    from torchvision.models import resnet50
+
     net = resnet50(num_classes=1000 if cfg.weights else num_classes)
     if cfg.weights:
         state = _pretrained() if cfg.weights == "imagenet" else _local(cfg.weights)

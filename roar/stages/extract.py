@@ -12,7 +12,6 @@ after; their digest goes into the provenance and into the identity of every map 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import zlib
 from pathlib import Path
@@ -245,17 +244,6 @@ def _refuse_maps_of_other_patterns(cfg: RunConfig, dataset: Dataset, model, mode
                 f"{path}: {', '.join(used)} computed with patterns that would now be estimated again ({why}); "
                 "delete those maps (or the store) or keep the patterns' settings"
             )
-
-
-def torchrun_shard() -> str | None:
-    """``"RANK/WORLD_SIZE"`` when torchrun launched this process (each rank one shard, on its own GPU:
-    ``LOCAL_RANK``), else None. Ranks share nothing but the files: no process group is needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return f"{int(os.environ.get('RANK', '0'))}/{world}"
 
 
 def merge_shards(cfg: RunConfig, count: int, splits: list[str] | None = None) -> list[Path]:

@@ -48,10 +48,8 @@ def shard_ranges(n: int, step: int, count: int) -> list[tuple[int, int]]:
     as even in batches as possible. More shards than batches would leave one empty: refused."""
     batches = -(-n // step)
     if count > batches:
-        plural = "es" if batches > 1 else ""
-        raise RoarError(
-            f"{count} shards for {batches} batch{plural} of {step} rows: use at most {batches} shard{'s' * (batches > 1)}"
-        )
+        es, s = ("es", "s") if batches > 1 else ("", "")
+        raise RoarError(f"{count} shards for {batches} batch{es} of {step} rows: use at most {batches} shard{s}")
     cuts = [min(n, (batches * i // count) * step) for i in range(count + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 

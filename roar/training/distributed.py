@@ -131,6 +131,18 @@ def barrier(w: World = SINGLE) -> None:
         dist.barrier()
 
 
+def torchrun_shard() -> str | None:
+    """``"RANK/WORLD_SIZE"`` when torchrun launched this process for a sharded stage (extraction, VoG
+    gradients: each rank one shard, on its own GPU ``LOCAL_RANK``), else None. Such ranks share
+    nothing but their files, so no process group is joined."""
+    w = world()
+    if not w.distributed:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(w.local_rank)
+    return f"{w.rank}/{w.size}"
+
+
 # ---------------------------------------------------------------- splitting the work
 
 

@@ -27,9 +27,9 @@ from roar.core.atomic import write_text_atomic
 from roar.core.device import autocast, memory_format
 from roar.core.errors import RoarError
 from roar.models import Classifier, build_model
+from roar.training import distributed
 from roar.training.augment import flip_choices, random_crop_flip
 from roar.training.averaging import Averages
-from roar.training import distributed
 from roar.training.checkpoint import check_resumable, load_checkpoint, save_atomic
 from roar.training.config import TrainingConfig
 from roar.training.distributed import SINGLE, World

@@ -18,6 +18,13 @@ array that ``vog_scores`` streams over in bounded memory.
 
 The logits of the same pass feed the peer scores (``roar.vog.peers``) at no extra cost; when the
 gradients are already stored and only the peers are missing, a forward pass suffices.
+
+``roar vog --shard i/n`` (or one shard per torchrun rank) computes the gradients of rows [lo, hi)
+of every snapshot into ``<split>.shard-<i>-of-<n>.h5``, over whole batches of one process's grid,
+as ``roar extract --shard`` does (``roar.store.shards``); the shard that finds every shard
+finished stitches them into ``<split>.h5`` with HDF5 virtual datasets. The gradients are the
+expensive part (a backward pass per snapshot and image); the peers and the scores then need one
+``roar vog`` in one process, whose forward passes read the merged store.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from roar.core.errors import RoarError
 from roar.core.provenance import git_commit
 from roar.data import Dataset, ImageSplit
 from roar.store import MapStore, StoreWriter, staging_path
+from roar.store.format import chunk_rows_for, map_shape
+from roar.store.shards import SHARD, shard_identity, shard_path, shard_ranges
 from roar.training.checkpoint import load_checkpoint
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, PeerCache, grand_norms, snapshot_peers
 
@@ -358,8 +367,20 @@ def _store_identities(path: Path, snapshots: list[Snapshot]) -> tuple[dict, dict
     return IDENTITY, {s.name: {"epoch": s.epoch, "step": s.step} for s in snapshots}
 
 
+def shard_rows(cfg: RunConfig, split: ImageSplit, shard: tuple[int, int]) -> tuple[int, int, int]:
+    """(lo, hi, chunk rows) of shard ``(i, n)`` of a split: whole batches of one process's grid, on the
+    chunk grid of the whole store."""
+    rows = chunk_rows_for(2 * int(np.prod(map_shape(split.geometry, False))), len(split))
+    step = max(rows, (cfg.vog.batch_size // rows) * rows)
+    try:
+        lo, hi = shard_ranges(len(split), step, shard[1])[shard[0]]
+    except RoarError as exc:
+        raise RoarError(f"--shard {shard[0]}/{shard[1]}: split '{split.name}': {exc}") from None
+    return lo, hi, rows
+
+
 def _discard_other_store(
-    path: Path, dataset: Dataset, split_name: str, split: ImageSplit, model_hash: str
+    path: Path, dataset: Dataset, split_name: str, split: ImageSplit, model_hash: str, rows: int | None = None
 ) -> str | None:
     """Delete the gradient store at ``path`` (finished or staged) when it was made from other snapshots
     or data, so that it is recomputed rather than refused; returns why ("snapshots changed", ...)
@@ -375,7 +396,7 @@ def _discard_other_store(
                 changed.append("snapshots")
             data = (
                 attrs.get("dataset") == dataset.name
-                and store.n == len(split)
+                and store.n == (len(split) if rows is None else rows)
                 and list(store.geometry) == [int(x) for x in split.geometry]
                 and attrs.get("dataset_fingerprint") == split.fingerprint()
                 and store.split == split_name
@@ -402,6 +423,7 @@ def compute_split(
     device: torch.device,
     peers: PeerPlan,
     on_batch: Callable[[], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Gradients (and peer arrays) of every snapshot for one split, resuming whatever is stored.
 
@@ -410,17 +432,25 @@ def compute_split(
     they were not), "batches": batches run,
     "seconds": wall time spent loading and preparing snapshots ("models"), in the gradient and forward
     passes ("passes"), writing chunks ("writes") and consolidating the store ("consolidation")}.
+
+    With ``shard`` (i, n), n > 1: the gradients of shard i's rows alone, into its shard store (no peers).
     """
     split = dataset.split(split_name)
     vc = cfg.vog
     n = len(split)
     path = gradient_path(cfg, split_name)
-    gradients_recomputed = _discard_other_store(path, dataset, split_name, split, model_hash)
+    lo, hi, chunk_rows = (0, n, None) if shard[1] == 1 else shard_rows(cfg, split, shard)
+    if shard[1] > 1:
+        path = shard_path(path, *shard)
+        peers = PeerPlan(False)
+    gradients_recomputed = _discard_other_store(path, dataset, split_name, split, model_hash, hi - lo)
     identity, methods = _store_identities(path, snapshots)
+    if shard[1] > 1:
+        identity = {**identity, SHARD: shard_identity(*shard, lo, hi, n)}
     writer = StoreWriter(
         path,
         split=split_name,
-        n=n,
+        n=hi - lo,
         geometry=split.geometry,
         dataset=dataset.name,
         dataset_fingerprint=split.fingerprint(),
@@ -437,6 +467,7 @@ def compute_split(
             "snapshots": [{"name": s.name, "epoch": s.epoch, "step": s.step} for s in snapshots],
         },
         compression=None if vc.compression == "none" else vc.compression,
+        chunk_rows=chunk_rows,
     )
     with writer:
         rows = writer.chunk_rows()
@@ -445,10 +476,10 @@ def compute_split(
             cache = peer_cache(cfg, split_name, split, model_hash, rows)
             recomputed = cache.refresh()
         step = max(rows, (vc.batch_size // rows) * rows)
-        grid = [(a, min(a + step, n)) for a in range(0, n, step)]
+        grid = [(a, min(a + step, hi)) for a in range(lo, hi, step)]  # rows of the split
         work = []
         for position, snap in enumerate(snapshots):
-            grad_todo = {c for a, b in writer.pending(snap.name) for c in _chunks(a, b, rows)}
+            grad_todo = {lo + c for a, b in writer.pending(snap.name) for c in _chunks(a, b, rows)}
             peer_todo = set()
             if cache is not None:
                 keys = peers.keys(position)
@@ -464,13 +495,27 @@ def compute_split(
                 work.append((position, snap, batches))
         seconds: dict[str, float] = {}
         passes = _run(
-            work, split, cfg, writer, cache, final_model, model_path, device, peers, rows, on_batch, split_name, seconds
+            work,
+            split,
+            cfg,
+            writer,
+            cache,
+            final_model,
+            model_path,
+            device,
+            peers,
+            rows,
+            on_batch,
+            split_name,
+            seconds,
+            lo,
         )
         with _timed(seconds, "consolidation"):
             writer.finish()
     return {
         "split": split_name,
         "images": n,
+        **({"rows": [lo, hi]} if shard[1] > 1 else {}),
         "snapshots": len(snapshots),
         "passes": passes,
         "gradients_recomputed": gradients_recomputed,
@@ -481,10 +526,11 @@ def compute_split(
 
 
 def _run(
-    work, split, cfg, writer, cache, final_model, model_path, device, peers, rows, on_batch, split_name, seconds
+    work, split, cfg, writer, cache, final_model, model_path, device, peers, rows, on_batch, split_name, seconds, lo=0
 ) -> int:
     """The snapshot passes of ``work``; the snapshot whose weights equal the final model's goes first,
-    so that its logits give the final predictions the store records without another pass."""
+    so that its logits give the final predictions the store records without another pass. Batches are
+    in rows of the split; the writer's rows start at ``lo`` (a shard's first row)."""
     if not work:
         return 0
     vc = cfg.vog
@@ -525,7 +571,7 @@ def _run(
                         elif (predictions[a:b] < 0).any():
                             if final_prepared is None:
                                 final_prepared = prepare_model(final_model, device, probe=probe)
-                            missing = np.flatnonzero(predictions < 0)
+                            missing = lo + np.flatnonzero(predictions[lo : lo + writer.n] < 0)
                             predictions[missing] = _predict_rows(final_prepared, split, source, missing, device, cfg)
                     elif peer_chunks:
                         logits = _logits(model, images, max_batch)
@@ -535,7 +581,7 @@ def _run(
                 with _timed(seconds, "writes"):
                     if needs_grad:
                         row_info = (labels.cpu(), predictions[a:b].copy(), np.arange(a, b))
-                        writes.submit(writer.write, a, {snap.name: maps.cpu().numpy()}, *row_info)
+                        writes.submit(writer.write, a - lo, {snap.name: maps.cpu().numpy()}, *row_info)
                     for chunk in sorted(peer_chunks) if arrays else []:
                         c, d = chunk - a, min(chunk + rows, b) - a
                         writes.submit(cache.save, snap.name, chunk, {k: v[c:d] for k, v in arrays.items()})

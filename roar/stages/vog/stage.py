@@ -23,12 +23,13 @@ from roar.config import RunConfig, VogConfig
 from roar.core.atomic import replace_atomic, write_text_atomic
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
-from roar.core.locks import output_folder
+from roar.core.locks import FileLock, output_folder
 from roar.core.provenance import file_hash, record_run, write_json
 from roar.core.tables import format_value, write_csv
 from roar.data import TAGS, Dataset, ImageSplit, build_dataset
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
+from roar.stages.vog.gradients import RERUN as GRADIENTS_RERUN
 from roar.stages.vog.gradients import (
     PeerPlan,
     Snapshot,
@@ -38,8 +39,10 @@ from roar.stages.vog.gradients import (
     gradient_path,
     open_gradients,
     peer_cache,
+    shard_rows,
     snapshot_dir,
 )
+from roar.store.shards import merge, parse_shard, shard_paths
 from roar.vog import analysis as A
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, peer_scores
 from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
@@ -228,12 +231,16 @@ def _drop_stale(out: Path, stem: str, written: bool) -> None:
             (out / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
-def run(cfg: RunConfig) -> StageResult:
+def run(cfg: RunConfig, shard: str | None = None) -> StageResult:
     """``roar vog`` for a run: gradients, scores, tables and figures in ``<run>/vog``; returns a summary.
 
     Everything that can refuse the run (config, dataset, model, snapshots) is checked before the
     output folder's lock is taken and anything is written: a refused run changes nothing on disk.
+    With ``shard`` ``"i/n"`` only the gradients of shard i are computed (``run_shard``).
     """
+    index, count = parse_shard(shard)
+    if count > 1:
+        return run_shard(cfg, index, count)
     t0 = time.perf_counter()
     vc = cfg.vog
     device = resolve_device(cfg.device)
@@ -247,6 +254,53 @@ def run(cfg: RunConfig) -> StageResult:
     model_hash = file_hash(*[s.path for s in snapshots], model_path)
     with output_folder(cfg.run_dir / "vog") as out:
         return _write(cfg, t0, out, device, dataset, model, model_path, snapshots, stages, el2n_at, model_hash)
+
+
+def run_shard(cfg: RunConfig, index: int, count: int) -> StageResult:
+    """``roar vog --shard i/n``: the gradients of shard i's rows of every snapshot and split, into
+    ``<split>.shard-<i>-of-<n>.h5``; the shard that finds all n finished merges them into ``<split>.h5``.
+    The shards share the ``vog`` folder (a shared lock each); ``roar vog`` then scores in one process."""
+    t0 = time.perf_counter()
+    vc = cfg.vog
+    device = resolve_device(cfg.device)
+    dataset = build_dataset(cfg.dataset)
+    model, _, model_path = load_run_model(cfg, dataset, device)
+    snapshots = find_snapshots(snapshot_dir(cfg))
+    check_snapshots(model, snapshots, model_path)
+    model_hash = file_hash(*[s.path for s in snapshots], model_path)
+    for split in vc.splits:
+        shard_rows(cfg, dataset.split(split), (index, count))  # too many shards: refused before anything is written
+        if gradient_path(cfg, split).exists():
+            raise RoarError(
+                f"{gradient_path(cfg, split)} exists: shards write a new gradient store; delete it to compute the "
+                "gradients in shards, or run 'roar vog' in one process"
+            )
+    plan = PeerPlan(False)
+    with output_folder(cfg.run_dir / "vog", shared=True) as out:
+        computed = [
+            compute_split(cfg, dataset, s, snapshots, model, model_path, model_hash, device, plan, shard=(index, count))
+            for s in vc.splits
+        ]
+        merged = []
+        if all(p.exists() for s in vc.splits for p in shard_paths(gradient_path(cfg, s), count)):
+            for s in vc.splits:
+                with FileLock(gradient_path(cfg, s)):  # the last two shards may finish together
+                    if not gradient_path(cfg, s).exists():
+                        merged.append(str(merge(gradient_path(cfg, s), count, GRADIENTS_RERUN)))
+        summary = {
+            "shard": {"index": index, "count": count, "merged": merged},
+            "splits": computed,
+            "passes": sum(c["passes"] for c in computed),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        write_json(out / f"summary.shard-{index}-of-{count}.json", summary)
+    rows = ", ".join(f"{c['split']} rows {c['rows'][0]}-{c['rows'][1]}" for c in computed)
+    then = "gradients merged; run 'roar vog' for the scores" if merged else "waiting for the other shards"
+    line = (
+        f"VoG gradients of {len(snapshots)} snapshots for {rows} ({summary['passes']} snapshot passes computed) "
+        f"in {summary['seconds']:.0f} s (shard {index} of {count}; {then}) -> {out / 'gradients'}"
+    )
+    return StageResult(summary, line)
 
 
 def _write(cfg, t0, out, device, dataset, model, model_path, snapshots, stages, el2n_at, model_hash) -> StageResult:
