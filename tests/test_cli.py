@@ -86,3 +86,20 @@ def test_list_names_every_registry(repo):
     assert set(kinds) == {"datasets", "models", "methods", "fills", "metrics"}
     assert {"noise_tunnel", "ig_vargrad"} <= set(kinds["methods"]) and "patch_mean" in kinds["fills"]
     assert "accuracy" in kinds["metrics"]
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        ("train-cls", "-m roar train --config configs/demo.yaml --nproc 4"),
+        ("extract-attribution-maps", "-m torch.distributed.run --standalone --nproc_per_node 4 -m roar extract"),
+        ("evaluate-roar", "-m roar retrain --mode roar --config configs/demo.yaml --set retrain.jobs=4"),
+        ("evaluate-kar", "-m roar retrain --mode kar --config configs/demo.yaml --set retrain.jobs=4"),
+    ],
+)
+def test_nproc_spreads_a_task_over_processes(repo, task_bin, task, expected):
+    env = {**os.environ, "NO_COLOR": "1"}
+    many = subprocess.run([task_bin, "--dry", task, "NPROC=4"], cwd=repo, capture_output=True, text=True, env=env)
+    assert many.returncode == 0 and expected in many.stderr + many.stdout
+    one = subprocess.run([task_bin, "--dry", task], cwd=repo, capture_output=True, text=True, env=env)
+    assert "nproc" not in one.stderr + one.stdout and "jobs=" not in one.stderr + one.stdout

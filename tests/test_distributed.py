@@ -102,15 +102,12 @@ def _sets(data_root, out, *extra):
 # No BatchNorm and no augmentation: two ranks must take one process's steps (up to rounding).
 MLP = [
     "model={name: mlp, hidden: [256, 256]}",
-    "dataset.train_size=2048",
-    "training.epochs=4",
+    "dataset.train_size=1536",
+    "training.epochs=6",
     "training.batch_size=64",
     "training.optimizer={name: sgd, lr: 0.05, momentum: 0.9}",
     "training.augment={crop_padding: 0, flip: false}",
 ]
-# The fast recipe on a ResNet8: BatchNorm statistics are each rank's own (plain DDP).
-# (the smoke config sets batch_size 64 beside the recipe: 24 global steps of 2 × 32 images per epoch)
-RESNET = ["dataset.train_size=1536", "model.widths=[16,16,32]", "training.recipe=fast", "training.epochs=4"]
 
 
 def _command(sets, nproc=2):
@@ -152,40 +149,23 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.timeout(600)
-def test_two_ranks_take_the_steps_of_one_process(data_root, tmp_path, one_thread):
-    """Without BatchNorm and augmentation, DDP's averaged gradients of two half batches are one
-    process's gradient of the whole batch: the same losses and weights, up to rounding."""
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    _train_here(_sets(data_root, single, *MLP))
-    done = subprocess.run(_command(_sets(data_root, ddp, *MLP)), cwd=REPO, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "trained mlp on shapes" in done.stdout and done.stdout.count("trained") == 1, "rank 0 alone prints"
-    for a, b in zip(_metrics(single), _metrics(ddp), strict=True):
-        assert a["step"] == b["step"] and a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=2 / 2048)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=2 / 256)
-    one = load_checkpoint(single / "train" / "model.pt")["state_dict"]
-    two = load_checkpoint(ddp / "train" / "model.pt")["state_dict"]
-    for k, v in one.items():
-        torch.testing.assert_close(two[k], v, rtol=0, atol=0.01 * float(v.abs().max()) + 1e-6, msg=k)
-    assert json.loads((ddp / "train" / "provenance.json").read_text())["world_size"] == 2
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
 @pytest.mark.timeout(600)
-def test_a_killed_rank_resumes_and_a_resnet_trains_about_as_well_as_in_one_process(data_root, tmp_path):
-    """kill -9 of rank 1 stops the run with one error line; the rerun continues from rank 0's last
-    checkpoint without redoing an epoch. With BatchNorm (each rank's statistics) and augmentation
-    (each rank's crops and flips) the result is not one process's, but about as accurate."""
-    ddp = tmp_path / "ddp"
+def test_two_ranks_take_one_process_steps_and_resume_after_a_rank_is_killed(data_root, tmp_path, one_thread):
+    """Without BatchNorm and augmentation, DDP's averaged gradients of two half batches are one
+    process's gradient of the whole batch: the same losses, accuracies and weights, up to rounding.
+    kill -9 of rank 1 stops the run with one error line; the rerun continues from rank 0's last
+    checkpoint without redoing an epoch, and ends where one process ends."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _train_here(_sets(data_root, single, *MLP))
+
     proc = subprocess.Popen(
-        _command(_sets(data_root, ddp, *RESNET)), cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True
+        _command(_sets(data_root, ddp, *MLP)), cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True
     )
     last = ddp / "train" / "last.pt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.002)
     victim = _rank_pid(proc.pid, 1)
     assert victim is not None, "rank 1 not found"
     os.kill(victim, signal.SIGKILL)
@@ -193,22 +173,26 @@ def test_a_killed_rank_resumes_and_a_resnet_trains_about_as_well_as_in_one_proce
     assert proc.returncode == 2 and "error: torchrun exited with status" in err, err
     assert not (ddp / "train" / "summary.json").exists(), "the run finished before a rank could be killed"
     done = load_checkpoint(last)["epoch"]
-    assert 1 <= done < 4
+    assert 1 <= done < 6
     kept = [m for m in _metrics(ddp) if m["epoch"] <= done]
 
     resumed = subprocess.run(
-        _command(_sets(data_root, ddp, *RESNET)), cwd=REPO, env=_env(), capture_output=True, text=True
+        _command(_sets(data_root, ddp, *MLP)), cwd=REPO, env=_env(), capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr
+    assert "trained mlp on shapes" in resumed.stdout and resumed.stdout.count("trained") == 1, "rank 0 alone prints"
     metrics = _metrics(ddp)
-    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4] and metrics[:done] == kept, "finished epochs were redone"
-
-    one = _train_here(_sets(data_root, tmp_path / "single", *RESNET))
-    two = json.loads((ddp / "train" / "summary.json").read_text())
-    assert two["processes"] == 2 and two["steps"] == one["steps"] == 4 * (1536 // 64)
-    # 10 classes: chance is 0.1; a handful of points apart is the noise of 256 test images and a seed.
-    assert one["test_accuracy"] > 0.25 and two["test_accuracy"] > 0.25, (one["test_accuracy"], two["test_accuracy"])
-    assert abs(one["test_accuracy"] - two["test_accuracy"]) < 0.15, (one["test_accuracy"], two["test_accuracy"])
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6] and metrics[:done] == kept, "finished epochs were redone"
+    for a, b in zip(_metrics(single), metrics, strict=True):
+        assert a["step"] == b["step"] and a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=2 / 1536)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=2 / 256)
+    one = load_checkpoint(single / "train" / "model.pt")["state_dict"]
+    two = load_checkpoint(ddp / "train" / "model.pt")["state_dict"]
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=0, atol=0.01 * float(v.abs().max()) + 1e-6, msg=k)
+    summary = json.loads((ddp / "train" / "summary.json").read_text())
+    assert summary["processes"] == 2 and json.loads((ddp / "train" / "provenance.json").read_text())["world_size"] == 2
 
 
 def test_a_batch_that_does_not_divide_is_refused_before_any_process_starts(data_root, tmp_path, capsys, monkeypatch):

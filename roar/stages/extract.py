@@ -25,7 +25,7 @@ from roar.attribution.engine import predict, prepare_model
 from roar.config import MethodEntry, RunConfig
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
-from roar.core.locks import FileLock, output_folder
+from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, git_commit, record_run, write_json
 from roar.data import Dataset, build_dataset
 from roar.perturb.reduce import reduce_map
@@ -35,7 +35,7 @@ from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
 from roar.store import MapStore, StoreWriter, chunk_rows_for
 from roar.store.format import map_shape
-from roar.store.shards import SHARD, merge, parse_shard, shard_identity, shard_path, shard_paths, shard_ranges
+from roar.store.shards import SHARD, merge_when_last, parse_shard, shard_identity, shard_path, shard_paths, shard_ranges
 
 RERUN = "roar extract"  # what recreates a store, for its error messages
 
@@ -246,13 +246,13 @@ def _refuse_maps_of_other_patterns(cfg: RunConfig, dataset: Dataset, model, mode
             )
 
 
-def merge_shards(cfg: RunConfig, count: int, splits: list[str] | None = None) -> list[Path]:
-    """``roar merge``: stitch each split's ``count`` finished shards into ``<split>.h5`` (``roar.store.shards``)."""
+def merge_shards(cfg: RunConfig, count: int, splits: list[str] | None = None, again: bool = True) -> list[Path]:
+    """Stitch each split's ``count`` finished shards into ``<split>.h5`` (``roar.store.shards``); the
+    stores merged here. ``again=False`` (a shard that finished last) leaves a store another shard merged."""
     merged = []
     for split in splits or cfg.attribution.split_names():
-        path = store_path(cfg, split)
-        with FileLock(path):  # one merge at a time: the last two shards may finish together
-            merged.append(merge(path, count, RERUN))
+        path = merge_when_last(store_path(cfg, split), count, RERUN, again)
+        merged += [path] if path is not None else []
     return merged
 
 
@@ -312,8 +312,9 @@ def run(cfg: RunConfig, shard: str | None = None) -> StageResult:
             for split in splits
         ]
         merged = []
-        if count > 1 and all(p.exists() for split in splits for p in shard_paths(store_path(cfg, split), count)):
-            merged = merge_shards(cfg, count, splits)
+        last = count > 1 and all(p.exists() for split in splits for p in shard_paths(store_path(cfg, split), count))
+        if last:
+            merged = merge_shards(cfg, count, splits, again=False)
         summary = {
             "splits": results,
             "methods": [e.name for e in entries],
@@ -331,7 +332,7 @@ def run(cfg: RunConfig, shard: str | None = None) -> StageResult:
     )
     line = f"extracted {len(summary['methods'])} methods for {splits} in {summary['seconds']:.0f} s -> {out}"
     if count > 1:
-        line += f" (shard {index} of {count}; " + ("shards merged)" if merged else "waiting for the other shards)")
+        line += f" (shard {index} of {count}; " + ("shards merged)" if last else "waiting for the other shards)")
     if patterns is not None:
         line += f" (patterns {patterns_status})"
     return StageResult(summary, line)

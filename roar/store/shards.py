@@ -114,6 +114,19 @@ def merge(path: str | Path, count: int, rerun: str | None = None) -> Path:
     return path
 
 
+def merge_when_last(path: str | Path, count: int, rerun: str | None = None, again: bool = False) -> Path | None:
+    """``merge`` under the lock of ``path``, waiting for a merge in progress: the last two shards may
+    finish together and both find every shard done. The one that comes second finds the merged
+    store and returns None, unless ``again`` (``roar merge`` by hand) asks to merge anew."""
+    from roar.core.locks import FileLock
+
+    path = Path(path)
+    with FileLock(path, blocking=True):
+        if path.exists() and not again:
+            return None
+        return merge(path, count, rerun)
+
+
 def _common_header(path: Path, shards: list[Path], headers: list[dict], sets: list[dict]) -> dict:
     """The merged file's header; RoarError naming the first shard that does not fit with shard 0."""
     count = len(shards)

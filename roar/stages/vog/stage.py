@@ -23,7 +23,7 @@ from roar.config import RunConfig, VogConfig
 from roar.core.atomic import replace_atomic, write_text_atomic
 from roar.core.device import resolve_device
 from roar.core.errors import RoarError
-from roar.core.locks import FileLock, output_folder
+from roar.core.locks import output_folder
 from roar.core.provenance import file_hash, record_run, write_json
 from roar.core.tables import format_value, write_csv
 from roar.data import TAGS, Dataset, ImageSplit, build_dataset
@@ -42,7 +42,7 @@ from roar.stages.vog.gradients import (
     shard_rows,
     snapshot_dir,
 )
-from roar.store.shards import merge, parse_shard, shard_paths
+from roar.store.shards import merge_when_last, parse_shard, shard_paths
 from roar.vog import analysis as A
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, peer_scores
 from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
@@ -282,11 +282,11 @@ def run_shard(cfg: RunConfig, index: int, count: int) -> StageResult:
             for s in vc.splits
         ]
         merged = []
-        if all(p.exists() for s in vc.splits for p in shard_paths(gradient_path(cfg, s), count)):
+        last = all(p.exists() for s in vc.splits for p in shard_paths(gradient_path(cfg, s), count))
+        if last:
             for s in vc.splits:
-                with FileLock(gradient_path(cfg, s)):  # the last two shards may finish together
-                    if not gradient_path(cfg, s).exists():
-                        merged.append(str(merge(gradient_path(cfg, s), count, GRADIENTS_RERUN)))
+                path = merge_when_last(gradient_path(cfg, s), count, GRADIENTS_RERUN)
+                merged += [str(path)] if path is not None else []
         summary = {
             "shard": {"index": index, "count": count, "merged": merged},
             "splits": computed,
@@ -295,7 +295,7 @@ def run_shard(cfg: RunConfig, index: int, count: int) -> StageResult:
         }
         write_json(out / f"summary.shard-{index}-of-{count}.json", summary)
     rows = ", ".join(f"{c['split']} rows {c['rows'][0]}-{c['rows'][1]}" for c in computed)
-    then = "gradients merged; run 'roar vog' for the scores" if merged else "waiting for the other shards"
+    then = "gradients merged; run 'roar vog' for the scores" if last else "waiting for the other shards"
     line = (
         f"VoG gradients of {len(snapshots)} snapshots for {rows} ({summary['passes']} snapshot passes computed) "
         f"in {summary['seconds']:.0f} s (shard {index} of {count}; {then}) -> {out / 'gradients'}"
