@@ -549,6 +549,9 @@ def test_gradients_in_two_shards_merge_into_the_one_process_store_and_score_alik
 
     one, _, _ = vog_run
     cfg, _ = run_copy(trained_run, tmp_path, "sharded", ["vog.grid_classes=2", "vog.grid_k=3", "vog.splits=[train]"])
+    with pytest.raises(RoarError, match="use at most 6 shards"):
+        run(cfg, "0/7")  # 1536 rows are 6 whole batches
+    assert not (cfg.run_dir / "vog").exists(), "a refused shard wrote something"
     first = run(cfg, "0/2")
     assert "waiting for the other shards" in first.summary() and first["shard"]["merged"] == []
     second = run(cfg, "1/2")

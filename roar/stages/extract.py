@@ -33,9 +33,10 @@ from roar.stages.patterns import ensure as ensure_patterns
 from roar.stages.patterns import stale_reason
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
-from roar.store import MapStore, StoreWriter, chunk_rows_for
+from roar.store import MapStore, StoreWriter
 from roar.store.format import map_shape
-from roar.store.shards import SHARD, merge_when_last, parse_shard, shard_identity, shard_path, shard_paths, shard_ranges
+from roar.store.shards import SHARD, merge_when_last, parse_shard, shard_identity, shard_path, shard_paths
+from roar.store.shards import shard_rows as rows_of_shard
 
 RERUN = "roar extract"  # what recreates a store, for its error messages
 
@@ -111,13 +112,8 @@ def _batches(writer: StoreWriter, names: list[str], batch_size: int, n: int):
 def shard_rows(cfg: RunConfig, dataset: Dataset, split_name: str, shard: tuple[int, int]) -> tuple[int, int, int]:
     """(lo, hi, chunk rows) of shard ``(i, n)`` of a split: whole batches of the single-process grid."""
     split = dataset.split(split_name)
-    rows = chunk_rows_for(2 * int(np.prod(map_shape(split.geometry, cfg.attribution.reduction == "none"))), len(split))
-    step = max(rows, (cfg.attribution.batch_size // rows) * rows)
-    try:
-        lo, hi = shard_ranges(len(split), step, shard[1])[shard[0]]
-    except RoarError as exc:
-        raise RoarError(f"--shard {shard[0]}/{shard[1]}: split '{split_name}': {exc}") from None
-    return lo, hi, rows
+    row_bytes = 2 * int(np.prod(map_shape(split.geometry, cfg.attribution.reduction == "none")))
+    return rows_of_shard(len(split), row_bytes, cfg.attribution.batch_size, shard, split_name)
 
 
 def open_writer(

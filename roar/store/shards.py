@@ -27,7 +27,7 @@ import numpy as np
 
 from roar.core.atomic import atomic_path
 from roar.core.errors import RoarError
-from roar.store.format import ROWS, extras_of, rerun_hint
+from roar.store.format import ROWS, chunk_rows_for, extras_of, rerun_hint
 from roar.store.hdf5 import Digest, chunk_rows_of, open_h5, read_header, read_sets, write_header, write_set_attrs
 
 SHARD = "shard"
@@ -52,6 +52,19 @@ def shard_ranges(n: int, step: int, count: int) -> list[tuple[int, int]]:
         raise RoarError(f"{count} shards for {batches} batch{es} of {step} rows: use at most {batches} shard{s}")
     cuts = [min(n, (batches * i // count) * step) for i in range(count + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+def shard_rows(n: int, row_bytes: int, batch_size: int, shard: tuple[int, int], split: str) -> tuple[int, int, int]:
+    """(lo, hi, chunk rows) of shard ``(i, count)`` of a split of ``n`` rows of ``row_bytes`` each: whole
+    batches of the grid one process takes (``batch_size`` rounded to whole chunks), on the chunk grid
+    of the whole store, so that the shards' chunks line up in the merged one."""
+    rows = chunk_rows_for(row_bytes, n)
+    step = max(rows, (batch_size // rows) * rows)
+    try:
+        lo, hi = shard_ranges(n, step, shard[1])[shard[0]]
+    except RoarError as exc:
+        raise RoarError(f"--shard {shard[0]}/{shard[1]}: split '{split}': {exc}") from None
+    return lo, hi, rows
 
 
 def shard_path(path: str | Path, index: int, count: int) -> Path:

@@ -53,8 +53,9 @@ from roar.core.errors import RoarError
 from roar.core.provenance import git_commit
 from roar.data import Dataset, ImageSplit
 from roar.store import MapStore, StoreWriter, staging_path
-from roar.store.format import chunk_rows_for, map_shape
-from roar.store.shards import SHARD, shard_identity, shard_path, shard_ranges
+from roar.store.format import map_shape
+from roar.store.shards import SHARD, shard_identity, shard_path
+from roar.store.shards import shard_rows as rows_of_shard
 from roar.training.checkpoint import load_checkpoint
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, PeerCache, grand_norms, snapshot_peers
 
@@ -367,16 +368,11 @@ def _store_identities(path: Path, snapshots: list[Snapshot]) -> tuple[dict, dict
     return IDENTITY, {s.name: {"epoch": s.epoch, "step": s.step} for s in snapshots}
 
 
-def shard_rows(cfg: RunConfig, split: ImageSplit, shard: tuple[int, int]) -> tuple[int, int, int]:
-    """(lo, hi, chunk rows) of shard ``(i, n)`` of a split: whole batches of one process's grid, on the
-    chunk grid of the whole store."""
-    rows = chunk_rows_for(2 * int(np.prod(map_shape(split.geometry, False))), len(split))
-    step = max(rows, (cfg.vog.batch_size // rows) * rows)
-    try:
-        lo, hi = shard_ranges(len(split), step, shard[1])[shard[0]]
-    except RoarError as exc:
-        raise RoarError(f"--shard {shard[0]}/{shard[1]}: split '{split.name}': {exc}") from None
-    return lo, hi, rows
+def shard_rows(cfg: RunConfig, dataset: Dataset, split_name: str, shard: tuple[int, int]) -> tuple[int, int, int]:
+    """(lo, hi, chunk rows) of shard ``(i, n)`` of a split: whole batches of one process's grid."""
+    split = dataset.split(split_name)
+    row_bytes = 2 * int(np.prod(map_shape(split.geometry, False)))
+    return rows_of_shard(len(split), row_bytes, cfg.vog.batch_size, shard, split_name)
 
 
 def _discard_other_store(
@@ -439,7 +435,7 @@ def compute_split(
     vc = cfg.vog
     n = len(split)
     path = gradient_path(cfg, split_name)
-    lo, hi, chunk_rows = (0, n, None) if shard[1] == 1 else shard_rows(cfg, split, shard)
+    lo, hi, chunk_rows = (0, n, None) if shard[1] == 1 else shard_rows(cfg, dataset, split_name, shard)
     if shard[1] > 1:
         path = shard_path(path, *shard)
         peers = PeerPlan(False)

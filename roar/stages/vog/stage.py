@@ -243,17 +243,23 @@ def run(cfg: RunConfig, shard: str | None = None) -> StageResult:
         return run_shard(cfg, index, count)
     t0 = time.perf_counter()
     vc = cfg.vog
+    device, dataset, model, model_path, snapshots, model_hash = _inputs(cfg)
+    k = len(snapshots)
+    stages = resolve_stages(vc.stages, k)
+    el2n_at = el2n_position(vc, stages, k)
+    with output_folder(cfg.run_dir / "vog") as out:
+        return _write(cfg, t0, out, device, dataset, model, model_path, snapshots, stages, el2n_at, model_hash)
+
+
+def _inputs(cfg: RunConfig):
+    """(device, dataset, final model, its path, the snapshots in training order, the hash of them all),
+    the snapshots checked to fit the model: everything that can refuse a run, before any write."""
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.dataset)
     model, _, model_path = load_run_model(cfg, dataset, device)
     snapshots = find_snapshots(snapshot_dir(cfg))
-    k = len(snapshots)
-    stages = resolve_stages(vc.stages, k)
-    el2n_at = el2n_position(vc, stages, k)
     check_snapshots(model, snapshots, model_path)
-    model_hash = file_hash(*[s.path for s in snapshots], model_path)
-    with output_folder(cfg.run_dir / "vog") as out:
-        return _write(cfg, t0, out, device, dataset, model, model_path, snapshots, stages, el2n_at, model_hash)
+    return device, dataset, model, model_path, snapshots, file_hash(*[s.path for s in snapshots], model_path)
 
 
 def run_shard(cfg: RunConfig, index: int, count: int) -> StageResult:
@@ -262,14 +268,9 @@ def run_shard(cfg: RunConfig, index: int, count: int) -> StageResult:
     The shards share the ``vog`` folder (a shared lock each); ``roar vog`` then scores in one process."""
     t0 = time.perf_counter()
     vc = cfg.vog
-    device = resolve_device(cfg.device)
-    dataset = build_dataset(cfg.dataset)
-    model, _, model_path = load_run_model(cfg, dataset, device)
-    snapshots = find_snapshots(snapshot_dir(cfg))
-    check_snapshots(model, snapshots, model_path)
-    model_hash = file_hash(*[s.path for s in snapshots], model_path)
+    device, dataset, model, model_path, snapshots, model_hash = _inputs(cfg)
     for split in vc.splits:
-        shard_rows(cfg, dataset.split(split), (index, count))  # too many shards: refused before anything is written
+        shard_rows(cfg, dataset, split, (index, count))  # too many shards: refused before anything is written
         if gradient_path(cfg, split).exists():
             raise RoarError(
                 f"{gradient_path(cfg, split)} exists: shards write a new gradient store; delete it to compute the "
