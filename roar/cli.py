@@ -72,10 +72,12 @@ def cmd_extract(args) -> str:
 
 def cmd_merge(args) -> str:
     from roar.stages import extract
+    from roar.stages.vog import gradients
 
     if args.shards < 2:
         raise RoarError(f"--shards {args.shards}: merging needs at least 2 shards")
-    merged = extract.merge_shards(_load(args), args.shards)
+    cfg = _load(args)
+    merged = (gradients if args.vog else extract).merge_shards(cfg, args.shards)
     return f"merged {args.shards} shards into {', '.join(str(p) for p in merged)}"
 
 
@@ -199,9 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("merge", help="stitch the shard stores of roar extract --shard into one store per split")
+    p = sub.add_parser(
+        "merge", help="stitch the shard stores of roar extract (or vog) --shard into one store per split"
+    )
     _config_args(p)
     p.add_argument("--shards", type=int, required=True, metavar="N", help="how many shards the extraction used")
+    p.add_argument("--vog", action="store_true", help="the VoG gradient stores of roar vog --shard instead")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(

@@ -541,14 +541,14 @@ def test_a_run_killed_during_the_peer_pass_resumes_to_the_scores_of_an_uninterru
     assert not list((run_dir / "vog").rglob(".*.tmp*"))  # what the killed writer left half-written is gone
 
 
-def test_gradients_in_two_shards_merge_into_the_one_process_store_and_score_alike(vog_run, trained_run, tmp_path):
+def test_gradients_in_two_shards_merge_into_the_one_process_store_and_score_alike(vog_run, trained_run, tmp_path, repo):
     """``roar vog --shard i/2``: each shard's rows of every snapshot, stitched by the last shard into a
     store with the one-process digests; ``roar vog`` then scores from it exactly as from that store."""
     from roar.store import MapStore
     from roar.store.shards import shard_paths
 
     one, _, _ = vog_run
-    cfg, _ = run_copy(trained_run, tmp_path, "sharded", ["vog.grid_classes=2", "vog.grid_k=3", "vog.splits=[train]"])
+    cfg, sets = run_copy(trained_run, tmp_path, "sharded", ["vog.grid_classes=2", "vog.grid_k=3", "vog.splits=[train]"])
     with pytest.raises(RoarError, match="use at most 6 shards"):
         run(cfg, "0/7")  # 1536 rows are 6 whole batches
     assert not (cfg.run_dir / "vog").exists(), "a refused shard wrote something"
@@ -560,6 +560,9 @@ def test_gradients_in_two_shards_merge_into_the_one_process_store_and_score_alik
     assert lo0 == 0 and hi0 == lo1 and hi1 == cfg.dataset.train_size
     path = gradient_path(cfg, "train")
     assert all(p.exists() for p in shard_paths(path, 2))
+    path.unlink()  # by hand: roar merge --vog
+    args = ["--config", str(repo / "configs" / "smoke.yaml"), *(x for s in sets for x in ("--set", s))]
+    assert main(["merge", "--vog", "--shards", "2", *args]) == 0 and path.exists()
     with MapStore.open(path) as merged, MapStore.open(gradient_path(one, "train")) as single:
         assert merged.methods == single.methods and all(merged.digest(m) == single.digest(m) for m in single.methods)
         assert np.array_equal(merged.predictions, single.predictions)

@@ -54,7 +54,7 @@ from roar.core.provenance import git_commit
 from roar.data import Dataset, ImageSplit
 from roar.store import MapStore, StoreWriter, staging_path
 from roar.store.format import map_shape
-from roar.store.shards import SHARD, shard_identity, shard_path
+from roar.store.shards import SHARD, merge_when_last, shard_identity, shard_path
 from roar.store.shards import shard_rows as rows_of_shard
 from roar.training.checkpoint import load_checkpoint
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, PeerCache, grand_norms, snapshot_peers
@@ -373,6 +373,13 @@ def shard_rows(cfg: RunConfig, dataset: Dataset, split_name: str, shard: tuple[i
     split = dataset.split(split_name)
     row_bytes = 2 * int(np.prod(map_shape(split.geometry, False)))
     return rows_of_shard(len(split), row_bytes, cfg.vog.batch_size, shard, split_name)
+
+
+def merge_shards(cfg: RunConfig, count: int, again: bool = True) -> list[Path]:
+    """Stitch each split's ``count`` finished gradient shards into ``<split>.h5`` (``roar merge --vog``);
+    the stores merged here. ``again=False`` (the shard that finished last) leaves one already merged."""
+    merged = [merge_when_last(gradient_path(cfg, split), count, RERUN, again) for split in cfg.vog.splits]
+    return [path for path in merged if path is not None]
 
 
 def _discard_other_store(

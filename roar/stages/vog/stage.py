@@ -29,7 +29,6 @@ from roar.core.tables import format_value, write_csv
 from roar.data import TAGS, Dataset, ImageSplit, build_dataset
 from roar.stages.result import StageResult
 from roar.stages.train import load_run_model
-from roar.stages.vog.gradients import RERUN as GRADIENTS_RERUN
 from roar.stages.vog.gradients import (
     PeerPlan,
     Snapshot,
@@ -37,12 +36,13 @@ from roar.stages.vog.gradients import (
     compute_split,
     find_snapshots,
     gradient_path,
+    merge_shards,
     open_gradients,
     peer_cache,
     shard_rows,
     snapshot_dir,
 )
-from roar.store.shards import merge_when_last, parse_shard, shard_paths
+from roar.store.shards import parse_shard, shard_paths
 from roar.vog import analysis as A
 from roar.vog.peers import GRAND, SNAPSHOT_KEYS, peer_scores
 from roar.vog.scores import VARIANTS, default_stages, vog_scores, vog_variants
@@ -285,9 +285,7 @@ def run_shard(cfg: RunConfig, index: int, count: int) -> StageResult:
         merged = []
         last = all(p.exists() for s in vc.splits for p in shard_paths(gradient_path(cfg, s), count))
         if last:
-            for s in vc.splits:
-                path = merge_when_last(gradient_path(cfg, s), count, GRADIENTS_RERUN)
-                merged += [str(path)] if path is not None else []
+            merged = [str(path) for path in merge_shards(cfg, count, again=False)]
         summary = {
             "shard": {"index": index, "count": count, "merged": merged},
             "splits": computed,
