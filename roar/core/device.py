@@ -7,6 +7,7 @@ Every stage asks here rather than testing ``torch.cuda.is_available()`` itself, 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -30,6 +31,11 @@ def autocast(device: torch.device, enabled: bool = True):
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a Slurm or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_channels_last_is_safe() -> bool:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from roar.core.device import cores
 from roar.core.errors import RoarError
 
 T = TypeVar("T")
@@ -352,7 +353,7 @@ def launch(
         args, nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port
     )
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+    env.setdefault("OMP_NUM_THREADS", str(max(cores() // nproc, 1)))
     proc = subprocess.Popen(command, env=env)
 
     def forward(signum, _frame):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from roar.core.device import cores
 from roar.core.errors import RoarError
 
 
@@ -54,10 +55,6 @@ def child_env(k: int, jobs: int, gpus: list[str]) -> dict[str, str]:
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
     return env
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_shards(config_text: str, modes: list[str], jobs: int, out: Path, count_rows, total: int) -> None:
