@@ -254,17 +254,17 @@ def test_batch_results_equal_per_image_results_bit_for_bit(per_channel):
 def test_chunks_and_dropping_finished_planes_do_not_change_a_result(monkeypatch):
     """Planes are solved in chunks of whole images, and a chunk drops its finished planes midway: neither
     which planes share a chunk nor at which row a plane ends up changes a bit of its result."""
-    from roar.perturb import road
+    from roar.perturb.road import grid
 
     x = torch.rand(9, C, 20, 20, generator=torch.Generator().manual_seed(13))
     fractions = torch.tensor([0.02, 0.97, 0.1, 0.5, 0.9, 0.05, 0.7, 0.3, 0.99]).view(9, 1, 1)
     removed = torch.rand(9, 20, 20, generator=torch.Generator().manual_seed(14)) < fractions
     default = road_impute(x, removed, noise=0)
-    monkeypatch.setattr(road, "_COMPACT", 0.0)  # never drop
+    monkeypatch.setattr(grid, "COMPACT", 0.0)  # never drop
     never = road_impute(x, removed, noise=0)
-    monkeypatch.setattr(road, "_COMPACT", 0.99)  # drop at every iteration
+    monkeypatch.setattr(grid, "COMPACT", 0.99)  # drop at every iteration
     always = road_impute(x, removed, noise=0)
-    monkeypatch.setattr(road, "CHUNK_VALUES", 1)  # one image per chunk
+    monkeypatch.setattr(grid, "CHUNK_VALUES", 1)  # one plane per chunk
     alone = road_impute(x, removed, noise=0)
     for other in (never, always, alone):
         assert torch.equal(bits(other), bits(default))
@@ -299,7 +299,7 @@ def test_the_road_fill_through_build_fill_and_ablate():
         return [torch.Generator().manual_seed(noise_seed(0, int(i))) for i in indices]
 
     assert torch.equal(out, road_impute(x, removed[:, 0], 0.01, generators(), mean))
-    draws = torch.randn(C, H, W, generator=generators()[2])
+    draws = torch.randn(C, H, W, generator=generators()[2])  # one per removed value, (channel, row, column)
     assert torch.equal(out[2], torch.tensor(mean).view(C, 1, 1) + 0.01 * draws)  # removed entirely: the mean
     clean = ablate(x, removed, build_fill("road", mean=mean, noise=0))
     assert torch.allclose(clean[:2].double(), expected(x[:2], removed[:2, 0]), atol=1e-4, rtol=0)

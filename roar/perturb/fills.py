@@ -292,7 +292,10 @@ class RoadFill:
         self.seed = int(seed)
 
     def __call__(self, images: torch.Tensor, removed: torch.Tensor, **context: Any) -> torch.Tensor:
-        removed = torch.broadcast_to(removed, images.shape)
+        # A mask shared by the channels stays a pixel mask: one system per image instead of one per channel.
+        removed = (
+            removed[:, 0] if removed.ndim == 4 and removed.shape[1] == 1 else torch.broadcast_to(removed, images.shape)
+        )
         generators = None
         if self.noise > 0:
             indices = context.get("indices")

@@ -1,23 +1,19 @@
-"""ROAD's noisy linear imputation (Rong, Leemann et al., ICML 2022), batched in torch on the images' device.
+"""The iterative solve of ROAD's system on the padded pixel grid, for planes with large groups of removed
+pixels (``roar.perturb.road`` sends the others to the direct solves of ``roar.perturb.road.direct``).
 
-Every removed pixel becomes the weighted mean of its 8 neighbours, direct ones weighing 1/6 and
-diagonal ones 1/12; neighbours outside the image are dropped and the remaining weights renormalised.
-Removed neighbours are unknowns too, so the removed pixels of an image form one sparse linear system,
-one right-hand side per channel; then N(0, noise²) noise is added to the imputed values only.
-
-The solver. Multiplying row i by its normaliser (×12, so the weights become the integers 2 and 1)
-gives the symmetric positive definite system ``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k``,
+Multiplying row i by its normaliser (×12, so the weights become the integers 2 and 1) gives the
+symmetric positive definite system ``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k``,
 ``A x = b``: a weighted graph Laplacian over the removed pixels with Dirichlet values from the known
 ones (D_i is the sum of the in-image weights: 12 inside, 8 on an edge, 5 in a corner; N = D − A holds
-the removed-neighbour weights). Every channel of every image is a *plane* with its own system, solved
-by preconditioned conjugate gradients (CG) in float32 on a padded pixel grid, all planes of a chunk at
-once. The matrix-vector product is the separable stencil [1 2 1]ᵀ[1 2 1] (the 2/1 weights plus 4× the
-centre), 4 passes over shifted slices of one flat buffer. The preconditioner is Jacobi plus the next
-term of its Neumann series, ``M⁻¹ = D⁻¹ + D⁻¹ N D⁻¹`` (one more stencil): symmetric positive definite
-because D + N is diagonally dominant, it turns the spectrum 1 − s of Jacobi (s ∈ [−1, 1) an eigenvalue
-of D⁻¹N) into 1 − s², which cut the iterations 1.7× for ~1.4× the work per iteration. The start is each
-pixel's known-neighbour mean (exact for an isolated pixel), or the plane's known mean where a pixel has
-no known neighbour.
+the removed-neighbour weights). Every plane has its own system, solved by preconditioned conjugate
+gradients (CG) in float32 on a padded pixel grid, all planes of a chunk at once. The matrix-vector
+product is the separable stencil [1 2 1]ᵀ[1 2 1] (the 2/1 weights plus 4× the centre), 4 passes over
+shifted slices of one flat buffer. The preconditioner is Jacobi plus the next term of its Neumann
+series, ``M⁻¹ = D⁻¹ + D⁻¹ N D⁻¹`` (one more stencil): symmetric positive definite because D + N is
+diagonally dominant, it turns the spectrum 1 − s of Jacobi (s ∈ [−1, 1) an eigenvalue of D⁻¹N) into
+1 − s², which cut the iterations 1.7× for ~1.4× the work per iteration. The start is each pixel's
+known-neighbour mean (exact for an isolated pixel), or the plane's known mean where a pixel has no
+known neighbour.
 
 The tolerance. A plane stops once ``‖r‖_{M⁻¹} ≤ rtol · max(‖b‖_{D⁻¹}, ‖r₀‖_{M⁻¹})`` (r₀: the residual of
 the start), with rtol = 3e-7 up to 1024 pixels and rtol·(1024/pixels)^¾ above (at a fixed relative
@@ -30,54 +26,34 @@ Float32 alone gets there (no float64 correction) because CG starts close to the 
 rounding (~6e-8 relative) stays well below the tolerance; its limit shows only as ~1e-6 errors on the
 largest holes.
 
-Batch invariance. An image's result does not depend on which other images share its batch or at
-which position: the solver uses only element-wise operations (each exactly rounded, so a value never
-depends on how a kernel vectorises or splits the tensor; no fused multiply-add unless the product is
-exact), per-plane float sums by a fixed pairwise tree, integer or comparison reductions (exact in any
-order), and per-plane step sizes and stopping, a converged plane being frozen exactly. A chunk drops
-its finished planes once at most half of them are still iterating (the others move up a row, which
-changes nothing in their arithmetic). That is what lets the ROAR retraining paths (in memory,
-streaming) produce bit-identical ROAD-filled images. The known values are put back by integer
-operations on the floats' bits (exact for −0.0; whatever the input holds at removed positions is
-never used), not ``torch.where``, which on this CPU is about 25× slower than a multiplication.
-
-Singular case. A group of removed pixels that touches no known pixel (8-connected) exists only when
-the whole plane is removed; it has no Dirichlet value and no unique solution, so such a plane is set
-to ``fallback`` (per channel, default 0.5; the ``road`` fill uses the dataset mean) before noise.
+Batch invariance. A plane's result does not depend on which other planes share its chunk or at which
+row: the solver uses only element-wise operations (each exactly rounded, so a value never depends on
+how a kernel vectorises or splits the tensor; no fused multiply-add unless the product is exact),
+per-plane float sums by a fixed pairwise tree, integer or comparison reductions (exact in any order),
+and per-plane step sizes and stopping, a converged plane being frozen exactly. A chunk drops its
+finished planes once at most half of them are still iterating (the others move up a row, which
+changes nothing in their arithmetic). Known values are masked by integer operations on the floats'
+bits (whatever the input holds at removed positions is never used), not ``torch.where``, which on
+this CPU is about 25× slower than a multiplication.
 
 Cost. Setup is ~55 passes over the padded grid of a plane ((H+1)(W+1) values), each CG iteration ~22
-passes plus two per-plane sums, and the noise a draw per pixel (~25 passes' worth); the solver is
-bound by memory traffic. Iterations at 32×32: ~4 for random 10 % masks, ~9 at 50 %, ~23 at 90 %; at
-224×224 ~5, ~12, ~32, and ~190 for one 168×168 hole. ``docs/benchmarks.md`` (section "ROAD
-imputation") compares the speed with a per-image scipy solve. On the CPU the solve runs on one
-intra-op thread (see ``roar.core.device.one_cpu_thread``).
+passes plus two per-plane sums; the solver is bound by memory traffic. Iterations at 32×32: ~9 for
+random 50 % masks, ~23 at 90 %; at 224×224 ~12, ~32, and ~190 for one 168×168 hole.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Sequence
 
 import torch
 
-from roar.core.device import one_cpu_thread
 from roar.core.errors import RoarError
-
-NOISE = 0.01
-"""ROAD's default noise standard deviation, in [0, 1] image units."""
-
-RTOL = 3e-7
-"""Relative residual at which a plane counts as solved; see the module docstring for the error it gives."""
-
-MAX_ITER = 20_000
-"""CG iterations for a chunk of planes before the solve fails."""
 
 CHUNK_VALUES = 1 << 18
 """Grid values per chunk of planes: large enough to amortise the overhead of each operation, small enough
 to stay in cache (the solver is bound by memory traffic); the fastest of 2^16–2^20 on a 2-core EPYC."""
 
-_COMPACT = 0.5
+COMPACT = 0.5
 """Once at most this share of a chunk's planes is still iterating, the finished ones are dropped."""
 
 # The ×12 weights: direct neighbours 2, diagonal ones 1. The stencil below computes
@@ -89,98 +65,20 @@ _RTOL_PIXELS = 1024
 
 _MEAN_WEIGHT = 2.0**-30
 
-_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-def road_impute(
-    images: torch.Tensor,
-    removed: torch.Tensor,
-    noise: float = NOISE,
-    generator: Generators = None,
-    fallback: float | Sequence[float] | None = None,
-    *,
-    rtol: float = RTOL,
-    max_iter: int = MAX_ITER,
-) -> torch.Tensor:
-    """ROAD's noisy linear imputation of the ``removed`` pixels of ``images``.
-
-    ``images`` float [B, C, H, W] in [0, 1]; ``removed`` bool [B, H, W] (pixels: every channel) or
-    [B, C, H, W] (each channel its own mask and system). Returns the imputed images; positions not
-    removed are bit-identical to the input. ``noise`` is the standard deviation of the Gaussian noise
-    added to imputed values only; it is drawn for the whole image (so a pixel gets the same draw
-    whatever else is removed) from ``generator``: one ``torch.Generator`` for the batch, or a sequence
-    of one per image, which makes each image's result independent of its batch. ``fallback`` fills
-    planes removed entirely (see the module docstring): a float or one value per channel in [0, 1].
-    """
-    if noise < 0 or not math.isfinite(noise):
-        raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise}")
-    mask, values = _arguments(images, removed, fallback, rtol)
-    with one_cpu_thread(images.device):
-        out = _gaussian(images, generator) if noise > 0 else _empty(images)
-        _impute(images, mask, values, out, noise, rtol, max_iter)
-    return out
-
-
-def linear_impute(
-    images: torch.Tensor,
-    removed: torch.Tensor,
-    fallback: float | Sequence[float] | None = None,
-    *,
-    rtol: float = RTOL,
-    max_iter: int = MAX_ITER,
-) -> torch.Tensor:
-    """The noise-free part of ``road_impute``: the removed pixels solved, every other value unchanged."""
-    mask, values = _arguments(images, removed, fallback, rtol)
-    with one_cpu_thread(images.device):
-        out = _empty(images)
-        _impute(images, mask, values, out, 0.0, rtol, max_iter)
-    return out
-
-
-def _impute(
-    images: torch.Tensor,
-    mask: torch.Tensor,
-    fallback: tuple[float, ...],
-    out: torch.Tensor,
-    noise: float,
-    rtol: float,
-    max_iter: int,
-) -> None:
-    """Solve every plane into ``out`` (contiguous, the images' shape; it holds standard normal draws
-    if ``noise`` > 0), chunk by chunk, a chunk being whole images."""
-    b, c, h, w = images.shape
-    if b * c == 0:
-        return
-    chunks = max(1, round(b * c * (h + 1) * (w + 1) / CHUNK_VALUES))
-    per_chunk = -(-b // chunks)  # images, as evenly as the chunk count allows
-    ws = _workspace(h, w, min(per_chunk, b) * c, images.device)
-    fill = torch.tensor(fallback, dtype=torch.float32, device=images.device).expand(c).contiguous()
-    planes, outs = images.reshape(b * c, h, w), out.view(b * c, h, w)
-    for i in range(0, b, per_chunk):
-        j = min(i + per_chunk, b)
-        ws.solve(planes[i * c : j * c], mask[i:j], outs[i * c : j * c], fill, noise, rtol, max_iter)
-
-
-def _arguments(images: torch.Tensor, removed: torch.Tensor, fallback, rtol: float) -> tuple[torch.Tensor, tuple]:
-    """The removal mask as uint8 0/1 [B, 1 or C, H, W] on the images' device, and the fallback values."""
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be float [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
-    if removed.dtype != torch.bool:
-        raise ValueError(f"the removal mask must be bool, got {removed.dtype}")
-    b, c, h, w = images.shape
-    removed = removed.to(images.device)
-    if removed.ndim == 3:
-        removed = removed[:, None]
-    if removed.ndim != 4 or removed.shape[0] != b or removed.shape[2:] != (h, w) or removed.shape[1] not in (1, c):
-        raise ValueError(
-            f"removed must be [B, H, W] or [B, C, H, W] matching images {tuple(images.shape)}, "
-            f"got {tuple(removed.shape)}"
-        )
-    return removed.view(torch.uint8), _fallback(fallback, c)
+def solve_planes(values: torch.Tensor, removed: torch.Tensor, rtol: float, max_iter: int) -> torch.Tensor:
+    """Solve the planes ``values`` [g, H, W] with removal masks ``removed`` uint8 0/1 [g, H, W] (each with
+    a known pixel), chunk by chunk; float32 [g, H, W], every removed position solved."""
+    g, h, w = values.shape
+    res = torch.empty(g, h, w, dtype=torch.float32, device=values.device)
+    if g == 0:
+        return res
+    per_chunk = -(-g // max(1, round(g * (h + 1) * (w + 1) / CHUNK_VALUES)))
+    ws = _workspace(h, w, min(per_chunk, g), values.device)
+    for i in range(0, g, per_chunk):
+        j = min(i + per_chunk, g)
+        ws.solve(values[i:j], removed[i:j], res[i:j], rtol, max_iter)
+    return res
 
 
 _cache = threading.local()
@@ -193,39 +91,6 @@ def _workspace(h: int, w: int, g: int, device: torch.device) -> _Workspace:
         _cache.workspace = None  # free the old buffers before allocating new ones
         ws = _cache.workspace = _Workspace(h, w, g, device)
     return ws
-
-
-# --------------------------------------------------------------------------------------------- arguments
-
-
-def _fallback(fallback: float | Sequence[float] | None, channels: int) -> tuple[float, ...]:
-    values = (0.5,) if fallback is None else (fallback,) if isinstance(fallback, (int, float)) else tuple(fallback)
-    values = tuple(float(v) for v in values)
-    if len(values) not in (1, channels) or any(not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"fallback must be one value or one per channel ({channels}) in [0, 1], got {values}")
-    return values
-
-
-def _empty(images: torch.Tensor) -> torch.Tensor:
-    return torch.empty(images.shape, dtype=images.dtype, device=images.device)
-
-
-def _gaussian(images: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Standard normal draws of the images' shape: one generator for the batch, or one per image."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device)
-    generators = list(generator)
-    if len(generators) != len(images):
-        raise ValueError(f"got {len(generators)} generators for {len(images)} images")
-    shape = images.shape[1:]
-    return (
-        torch.stack([torch.randn(shape, generator=g, dtype=images.dtype, device=images.device) for g in generators])
-        if generators
-        else _empty(images)
-    )
-
-
-# --------------------------------------------------------------------------------------------- solver
 
 
 def _halving_plan(a: torch.Tensor, scratch: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -331,7 +196,7 @@ class _Workspace:
             torch.zeros(g, p, dtype=torch.float32, device=device) for _ in range(7)
         )
         self.res = torch.zeros(g, h, w, dtype=torch.float32, device=device)
-        self.keep, self.delta = (torch.zeros(g, h, w, dtype=torch.int32, device=device) for _ in range(2))
+        self.keep = torch.zeros(g, h, w, dtype=torch.int32, device=device)
         self.scratch = torch.zeros(g, p // 2 + 1, dtype=torch.float32, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
         self._plans: dict[int, list] = {}
@@ -361,36 +226,24 @@ class _Workspace:
         t.mul_(dinv)
         torch.add(u, t, out=z)
 
-    def solve(
-        self,
-        values: torch.Tensor,
-        removed: torch.Tensor,
-        out: torch.Tensor,
-        fill: torch.Tensor,
-        noise: float,
-        rtol: float,
-        max_iter: int,
-    ) -> None:
-        """Solve the planes of n whole images: ``values`` [n·C, H, W], ``removed`` uint8 0/1 [n, 1 or C,
-        H, W]; the imputed planes into ``out`` [n·C, H, W], which holds standard normal draws if
-        ``noise`` > 0. ``fill``: the fallback per channel, float32 [C]."""
+    def solve(self, values: torch.Tensor, removed: torch.Tensor, res: torch.Tensor, rtol: float, max_iter: int) -> None:
+        """Solve g planes: ``values`` [g, H, W] (any float type; removed positions are never read),
+        ``removed`` uint8 0/1 [g, H, W] with at least one known pixel per plane; the solution at every
+        position into ``res`` float32 [g, H, W] (removed ones solved, known ones as given)."""
         g, grid = len(values), self.grid
-        n, c = len(removed), g // len(removed)
         m, dinv, r, z, q, x, tmp = (t[:g] for t in (self.m, self.dinv, self.r, self.z, self.q, self.x, self.tmp))
         d = grid.x(g)  # the stencil's input: first the known values, then the search direction
-        removed = removed.expand(n, c, self.h, self.w)
-        grid.interior(m).unflatten(0, (n, c)).copy_(removed)
+        grid.interior(m).copy_(removed)
         torch.div(m, self.d, out=dinv)
         # Known-neighbour weight of every removed pixel, and the known count of every plane (an integer
         # sum: exact in any order).
         torch.sub(self.inside, m, out=d)
-        count = self.h * self.w - removed.sum(dim=(2, 3), dtype=torch.int32).view(g, 1)
-        nothing_known = count[:, 0] == 0
+        count = self.h * self.w - removed.sum(dim=(1, 2), dtype=torch.int32).view(g, 1)
         dk = z
         torch.mul(grid.sep(g), m, out=dk)
         # Known values (+0 at removed positions, whatever was there); b = the ×12 known-neighbour sums.
         keep = self.keep[:g]
-        keep.view(n, c, self.h, self.w).copy_(removed)
+        keep.copy_(removed)
         keep.sub_(1)  # all bits set at known positions
         values32 = values.to(torch.float32)
         torch.bitwise_and(values32.view(torch.int32), keep, out=grid.interior(d).view(torch.int32))
@@ -419,7 +272,7 @@ class _Workspace:
         rz = self._sum_tmp(g)
         target = torch.maximum(bb, rz).mul_(rtol * rtol * min(1.0, _RTOL_PIXELS / (self.h * self.w)) ** 1.5)
         active = rz > target
-        zero, res = self.zero, self.res[:g]
+        zero = self.zero
         rows = None  # the plane of each row, once finished planes have been dropped
         it = 0
         while (left := int(active.sum())) > 0:
@@ -428,7 +281,7 @@ class _Workspace:
                     f"ROAD imputation did not reach relative residual {rtol:.0e} in {max_iter} CG iterations; "
                     "raise max_iter or rtol"
                 )
-            if left <= len(active) * _COMPACT:
+            if left <= len(active) * COMPACT:
                 # The finished planes leave (their result goes to ``res``), the others move up: rows are
                 # independent, so a plane's arithmetic does not depend on its row.
                 done, kept = (~active[:, 0]).nonzero()[:, 0], active[:, 0].nonzero()[:, 0]
@@ -460,23 +313,6 @@ class _Workspace:
             rz = rz_new
             it += 1
         if rows is None:
-            res = grid.interior(x)
+            res.copy_(grid.interior(x))
         else:
             res.index_copy_(0, rows, grid.interior(x))
-        # Planes with no known pixel: the fallback (their solve above was trivially empty).
-        if bool(nothing_known.any()):
-            planes = nothing_known.nonzero()[:, 0]
-            res[planes] = fill[planes % c].view(-1, 1, 1)
-        # Noise, then the known values back, bit for bit.
-        if noise > 0:
-            out.mul_(noise).add_(res)
-        else:
-            out.copy_(res)
-        if out.dtype == torch.float32:
-            delta = self.delta[:g]
-            torch.bitwise_xor(values.view(torch.int32), out.view(torch.int32), out=delta)
-            delta.bitwise_and_(keep)
-        else:
-            ints = _INTS[out.dtype.itemsize]
-            delta = torch.bitwise_xor(values.view(ints), out.view(ints)).bitwise_and_(keep.to(ints))
-        out.view(delta.dtype).bitwise_xor_(delta)

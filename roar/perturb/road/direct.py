@@ -1,0 +1,251 @@
+"""Direct solves of ROAD's system where the removed pixels form small groups.
+
+Two removed pixels share an equation only if they are neighbours, so the system of a plane falls apart
+into one independent system per 8-connected group (component) of removed pixels. A pixel alone is its
+own solution, the weighted mean of its known neighbours; a group of 2–``LARGEST`` pixels is a small
+dense system, solved exactly. That is all there is to do for random masks removing up to ~10 % of the
+pixels (at 10 % the largest group of a 224×224 plane has ~11 pixels; above ~20 % groups grow quickly
+and merge into one spanning the plane at ~40 %, the site-percolation threshold of the 8-neighbour
+lattice), so a plane whose groups are all small is solved without iterating and in work proportional
+to its removed pixels. Planes with a larger group go to the iterative solve of
+``roar.perturb.road.grid``.
+
+The equations use the ×12 integer weights (direct neighbours 2, diagonal ones 1): row i reads
+``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k`` with D_i the sum of the in-image weights.
+The matrix is exact in float64 and the right-hand side nearly so, the dense systems are solved in
+float64 by Gauss–Jordan elimination without pivoting (stable: the matrix is diagonally dominant and
+irreducibly so, as every group touches a known pixel unless its plane is removed entirely), and the
+result rounds once to float32: within ~1e-7 of the exact solution.
+
+Batch invariance. Everything here is element-wise or indexing per pixel or per group; a group's system
+is padded to the next power of two of its own size (identity rows, which change no value of the
+others), so its arithmetic is the same whatever other groups or planes are solved beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+LARGEST = 16
+"""Groups of removed pixels up to this size are solved directly; a plane with a larger one is iterated."""
+
+NEIGHBOURS = ((-1, -1, 1), (-1, 0, 2), (-1, 1, 1), (0, -1, 2), (0, 1, 2), (1, -1, 1), (1, 0, 2), (1, 1, 1))
+"""(dy, dx, ×12 weight) of the 8 neighbours, in the fixed order every sum over them follows."""
+
+DIRECT_SHARE = 0.25
+"""Planes removing more than this share of their pixels go straight to the iterative solve: random masks
+that dense have groups far above ``LARGEST`` (the largest of a 224×224 plane is ~40 pixels at 20 %), so
+looking for small ones would be wasted work. A function of the plane alone, like every routing choice."""
+
+
+CHUNK_PIXELS = 1 << 16
+"""Removed pixels per chunk of whole planes: small enough for the [8, n] neighbour arrays to stay in
+cache, large enough to amortise the ~150 operations of a chunk; the fastest of 2^11–2^16 on a 2-core EPYC."""
+
+
+def solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_solve`` over chunks of about ``CHUNK_PIXELS`` removed pixels, a plane never split."""
+    s, _, h, w = values.shape
+    counts = torch.bincount(at.div(h * w, rounding_mode="floor"), minlength=s)
+    ends = torch.cumsum(counts[counts > 0], 0)
+    bounds, start = [0], 0
+    for end in ends.tolist():
+        if end - start >= CHUNK_PIXELS:
+            bounds.append(end)
+            start = end
+    if bounds[-1] != len(at):
+        bounds.append(len(at))
+    parts = [_solve(values, removed, at[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
+
+
+def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve the removed pixels ``at`` (flat positions into ``removed``, ascending: every removed pixel of
+    the planes concerned, each plane with a known pixel) of planes ``values`` [S, R, H, W] with masks
+    ``removed`` uint8 0/1 [S·H·W] (R right-hand sides sharing one mask: the channels of a pixel mask).
+
+    Returns the float32 solution [R, n] and, per pixel, whether its plane has a group larger than
+    ``LARGEST`` (then its solution is not computed and the plane must be iterated instead)."""
+    s, r, h, w = values.shape
+    device, n = values.device, len(at)
+    plane = at.div(h * w, rounding_mode="floor")
+    y, x = (at - plane * (h * w)).div(w, rounding_mode="floor"), at % w
+    # All 8 neighbours at once, [8, n]: inside the image (from which borders the pixel touches), removed,
+    # known; each neighbour's position (the pixel's own where the neighbour is outside). A value is read
+    # only where its neighbour is known (what a removed position holds is never used). index_select:
+    # several times faster than indexing.
+    edge = (y == 0).long() + (y == h - 1).long() * 2 + (x == 0).long() * 4 + (x == w - 1).long() * 8
+    inside = _INSIDE.to(device).index_select(0, edge).T.contiguous()
+    other = torch.where(inside, at + _offsets(w).to(device), at)
+    gone = inside & removed.index_select(0, other.view(-1)).view(other.shape).bool()
+    known = inside & ~gone
+    # Channel c of a neighbour is at (plane·R + c)·H·W + its pixel: one index, read from R shifted views.
+    index = (other + plane * ((r - 1) * h * w)).view(-1)
+    flat = values.reshape(-1)
+    value = torch.stack([flat[c * h * w :].index_select(0, index) for c in range(r)]).view(r, 8, n)
+    value.masked_fill_(~known, 0.0)
+    # D, and b summed over the neighbours in a fixed order (direct ones ×2, diagonal ones ×1), in float32
+    # (relative error < 3e-7; summing in float64 cost a third of the solve).
+    diagonal = _DIAGONAL.to(device).index_select(0, edge)
+    v = value.unbind(dim=1)
+    rhs = ((v[1] + v[3] + v[4] + v[6]) * 2.0 + (v[0] + v[2] + v[5] + v[7])).double()
+    solution = rhs / diagonal  # exact for a pixel alone
+    too_large = torch.zeros(n, dtype=torch.bool, device=device)
+    grouped = gone.any(dim=0).nonzero()[:, 0]
+    if len(grouped):
+        # Each grouped pixel's removed neighbours as indices among the grouped pixels (its own index
+        # where the neighbour is not removed), through a lookup written only at the removed positions.
+        lookup = _lookup(len(removed), device)
+        lookup.index_copy_(0, at, torch.arange(n, device=device))
+        index = torch.full((n,), -1, dtype=torch.int64, device=device)
+        index[grouped] = torch.arange(len(grouped), device=device)
+        linked = gone.index_select(1, grouped)
+        positions = torch.where(linked, other.index_select(1, grouped), at.index_select(0, grouped))
+        links = index.index_select(0, lookup.index_select(0, positions.view(-1))).view(linked.shape)
+        grouped_plane = plane.index_select(0, grouped)
+        label, unsettled = _groups(links, grouped_plane)
+        sizes = torch.bincount(label, minlength=len(grouped)).index_select(0, label)
+        large_planes = torch.cat([grouped_plane[sizes > LARGEST], unsettled]).unique()
+        too_large = torch.isin(plane, large_planes)
+        small = (~too_large.index_select(0, grouped)).nonzero()[:, 0]
+        if len(small) == len(grouped):  # the usual case: no plane of the chunk holds a larger group
+            solved = _solve_groups(label, links, linked, small, diagonal[grouped], rhs[:, grouped], len(grouped))
+            solution.index_copy_(1, grouped, solved)
+        elif len(small):
+            members = grouped.index_select(0, small)
+            solved = _solve_groups(
+                label.index_select(0, small),
+                links.index_select(1, small),
+                linked.index_select(1, small),
+                small,
+                diagonal.index_select(0, members),
+                rhs.index_select(1, members),
+                len(grouped),
+            )
+            solution.index_copy_(1, members, solved)
+    return solution.to(torch.float32), too_large
+
+
+def _offsets(w: int) -> torch.Tensor:
+    """Flat offsets [8, 1] of the 8 neighbours in rows of width w."""
+    return torch.tensor([dy * w + dx for dy, dx, _ in NEIGHBOURS]).view(8, 1)
+
+
+def _border_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """By which borders a pixel touches (bits: top, bottom, left, right): which of its 8 neighbours are
+    inside the image [16, 8], and D, the sum of their weights [16] (12 inside, 8 on an edge, 5 in a corner)."""
+    inside = torch.ones(16, 8, dtype=torch.bool)
+    for code in range(16):
+        for j, (dy, dx, _) in enumerate(NEIGHBOURS):
+            top, bottom, left, right = code & 1, code & 2, code & 4, code & 8
+            inside[code, j] = not ((top and dy < 0) or (bottom and dy > 0) or (left and dx < 0) or (right and dx > 0))
+    weights = torch.tensor([float(weight) for _, _, weight in NEIGHBOURS], dtype=torch.float64)
+    return inside, (inside * weights).sum(dim=1)
+
+
+_INSIDE, _DIAGONAL = _border_tables()
+
+
+_cache = threading.local()
+
+
+def _lookup(size: int, device: torch.device) -> torch.Tensor:
+    """The calling thread's int64 scratch of at least ``size`` values on ``device``, reused from call to
+    call (only the positions a call writes are read, so it is never cleared): a fresh one would cost a
+    page fault per 4 KiB touched, several times the rest of a solve at 1 % removed."""
+    buffer = getattr(_cache, "lookup", None)
+    if buffer is None or buffer.device != device or len(buffer) < size:
+        _cache.lookup = None
+        buffer = _cache.lookup = torch.empty(size, dtype=torch.int64, device=device)
+    return buffer
+
+
+def _groups(links: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label the 8-connected groups of pixels whose neighbours (indices among them, [8, G], a pixel's own
+    index where it has none) are ``links``: each pixel gets the smallest index of its group. Each round
+    takes the smallest label among a pixel's neighbours, then a label's own label (a shortcut: both are
+    indices in the same group, never larger); a group of at most ``LARGEST`` pixels settles in fewer
+    rounds, so the planes still changing after ``LARGEST`` rounds (they hold a larger group) are returned
+    as unsettled. Integer minima only: exact, whatever else is labelled beside."""
+    label = torch.arange(links.shape[1], device=links.device)
+    for _ in range(LARGEST):
+        around = label.index_select(0, links.view(-1)).view(links.shape)
+        spread = label
+        for row in around:
+            spread = torch.minimum(spread, row)
+        spread = spread.index_select(0, spread)
+        changed = spread != label
+        label = spread
+        if not bool(changed.any()):
+            return label, plane[:0]
+    return label, plane[changed].unique()
+
+
+def _solve_groups(
+    label: torch.Tensor,
+    links: torch.Tensor,
+    linked: torch.Tensor,
+    members: torch.Tensor,
+    diagonal: torch.Tensor,
+    rhs: torch.Tensor,
+    g: int,
+) -> torch.Tensor:
+    """The solution [R, n] float64 of grouped pixels in groups of 2–LARGEST pixels: ``members`` their
+    indices among all G grouped pixels (ascending), ``label`` their group labels, ``links`` [8, n] and
+    ``linked`` their neighbours (indices among the G) and which of them are removed; ``rhs`` [R, n]."""
+    device, r = members.device, rhs.shape[0]
+    order = torch.sort(label, stable=True).indices  # by group, raster order within one
+    _, sizes = torch.unique_consecutive(label[order], return_counts=True)
+    group = torch.empty_like(order)
+    group[order] = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+    local = torch.empty_like(order)
+    local[order] = torch.arange(len(order), device=device) - (torch.cumsum(sizes, 0) - sizes)[group[order]]
+    local_of = torch.full((g,), -1, dtype=torch.int64, device=device)
+    local_of[members] = local
+    weights = torch.tensor([-float(weight) for _, _, weight in NEIGHBOURS], dtype=torch.float64, device=device)
+    padded = 2 ** torch.ceil(torch.log2(sizes.double())).long()  # 2, 4, 8, 16
+    solution = torch.empty(r, len(members), dtype=torch.float64, device=device)
+    channels = torch.arange(r, device=device)
+    for n in padded.unique().tolist():
+        # The groups padded to n pixels, as augmented systems [groups, n, n + R] written through flat
+        # indices: identity (padding rows), D, −a_ij between linked pixels, b.
+        m = n + r
+        groups = (padded == n).nonzero()[:, 0]
+        row_of = torch.full((len(sizes),), -1, dtype=torch.int64, device=device)
+        row_of[groups] = torch.arange(len(groups), device=device)
+        at = (padded[group] == n).nonzero()[:, 0]
+        start = row_of[group[at]] * (n * m) + local[at] * m  # each pixel's row
+        on = linked.index_select(1, at)
+        where = on.nonzero()
+        partner = links.index_select(1, at).view(-1).index_select(0, where[:, 0] * len(at) + where[:, 1])
+        identity = (
+            torch.arange(len(groups), device=device)[:, None] * (n * m) + torch.arange(n, device=device) * (m + 1)
+        ).view(-1)
+        system = torch.zeros(len(groups) * n * m, dtype=torch.float64, device=device)
+        system[identity] = 1.0
+        system.index_copy_(0, start + local[at], diagonal[at])
+        system.index_copy_(0, start[where[:, 1]] + local_of[partner], weights[where[:, 0]])
+        rhs_at = (start[:, None] + n + channels).view(-1)
+        system.index_copy_(0, rhs_at, rhs[:, at].T.reshape(-1))
+        _gauss_jordan(system.view(len(groups), n, m), n)
+        solution[:, at] = system.index_select(0, rhs_at).view(-1, r).T
+    return solution
+
+
+def _gauss_jordan(system: torch.Tensor, n: int) -> None:
+    """Reduce augmented systems [G, n, n + R] in place to [I | solution], without pivoting, by
+    element-wise operations only (each exactly rounded: a system's result does not depend on the others)."""
+    for p in range(n):
+        pivot = system[:, p, p:] / system[:, p, p : p + 1]
+        factor = system[:, :, p : p + 1] * _others(n, p, system.device)
+        system[:, :, p:] -= factor * pivot[:, None, :]
+        system[:, p, p:] = pivot
+
+
+def _others(n: int, p: int, device: torch.device) -> torch.Tensor:
+    """[n, 1] float64: 1, and 0 at row p (the pivot row is not eliminated from itself)."""
+    others = torch.ones(n, 1, dtype=torch.float64, device=device)
+    others[p] = 0.0
+    return others
