@@ -132,14 +132,14 @@ def _impute(
         sub = values if every else values.index_select(0, chosen)
         masks = flat.view(s, 1, h, w) if every else flat.view(s, 1, h, w).index_select(0, chosen)
         res = grid.solve_planes(sub.reshape(-1, h, w), masks.expand(-1, r, h, w).reshape(-1, h, w), rtol, max_iter)
-        where = position.index_select(1, at)
-        if not every:  # the chosen planes' rows in ``res``
+        if every:  # the usual case at high fractions: every plane iterated, ``res`` laid out like ``out``
+            solved = res.view(-1).index_select(0, position.view(-1)).view(r, -1)
+        else:  # the chosen planes' rows in ``res``
             row_of = torch.zeros(s, dtype=torch.int64, device=images.device)
             row_of[chosen] = torch.arange(len(chosen), device=images.device)
-            where = where + (row_of - torch.arange(s, device=images.device)).index_select(
-                0, plane.index_select(0, at)
-            ) * (r * hw)
-        solved.index_copy_(1, at, res.view(-1).index_select(0, where.view(-1)).view(r, -1))
+            shift = (row_of - torch.arange(s, device=images.device)).index_select(0, plane.index_select(0, at))
+            where = position.index_select(1, at) + shift * (r * hw)
+            solved.index_copy_(1, at, res.view(-1).index_select(0, where.view(-1)).view(r, -1))
     at = nothing_known.index_select(0, plane).nonzero()[:, 0]
     if len(at):
         fill = torch.tensor(fallback, dtype=torch.float32, device=images.device).expand(c)
