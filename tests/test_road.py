@@ -217,6 +217,94 @@ def test_the_error_stays_below_1e_5_on_the_hardest_masks(size):
         assert error < 1e-5, (name, error)
 
 
+# --------------------------------------------------------------------------------------------- routes
+
+
+def separated_groups(size: int = 48) -> tuple[torch.Tensor, list[int]]:
+    """One plane holding groups of 1–16 removed pixels of many shapes (lines, blocks, diagonals: 8-connected
+    only), corners and edges included, none touching another; and the group sizes."""
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[0, 0] = m[size - 1, size - 1] = True  # corners, alone
+    m[0, 10:13] = True  # a line on the top edge
+    m[size - 1, 20:22] = True  # a pair on the bottom edge
+    for k in range(6):
+        m[3 + k, 3 + k] = True  # a diagonal of 6: connected through corners only
+    m[3:7, 20:24] = True  # a 4×4 block: 16 pixels
+    m[12, 2:18] = True  # a line of 16: the longest a group may be and still be solved directly
+    m[20:23, 30:33] = True
+    m[21, 31] = False  # a ring of 8
+    m[30, 0] = m[31, 1] = m[32, 0] = True  # a zig-zag on the left edge
+    from scipy.ndimage import label
+
+    labels, count = label(m.numpy(), structure=np.ones((3, 3)))
+    return m, sorted(np.bincount(labels.ravel())[1:].tolist())
+
+
+def test_small_groups_are_solved_directly_and_exactly(monkeypatch):
+    """Groups of up to 16 pixels never reach the iterative solve, and their solution is the float64
+    direct solve's rounded to float32 (no tolerance involved)."""
+    from roar.perturb.road import grid
+
+    mask, sizes = separated_groups()
+    assert max(sizes) == 16 and 1 in sizes and len(sizes) >= 9
+    monkeypatch.setattr(grid, "solve_planes", lambda *a, **k: pytest.fail("a small group was iterated"))
+    x = torch.rand(2, C, *mask.shape, generator=torch.Generator().manual_seed(21))
+    removed = torch.stack([mask, mask.flip(0)])
+    out = road_impute(x, removed, noise=0)
+    ref = expected(x, removed)
+    assert float((out.double() - ref).abs().max()) < 2e-7
+    per_channel = torch.stack([mask, mask.T, mask.flip(1)])[None].expand(2, C, *mask.shape)
+    out = road_impute(x, per_channel, noise=0)
+    assert float((out.double() - expected(x, per_channel)).abs().max()) < 2e-7
+
+
+def test_a_group_above_16_pixels_sends_its_plane_to_the_iterative_solve(monkeypatch):
+    from roar.perturb.road import grid
+
+    mask, _ = separated_groups()
+    long = mask.clone()
+    long[12, 2:19] = True  # the line of 16 grows to 17
+    calls = []
+    original = grid.solve_planes
+    monkeypatch.setattr(grid, "solve_planes", lambda v, *a, **k: calls.append(len(v)) or original(v, *a, **k))
+    x = torch.rand(2, C, *mask.shape, generator=torch.Generator().manual_seed(22))
+    removed = torch.stack([mask, long])
+    out = road_impute(x, removed, noise=0)
+    assert calls == [C]  # one image's 3 channel planes
+    assert float((out.double() - expected(x, removed)).abs().max()) < 1e-5
+
+
+def test_the_routes_agree_with_the_peer_at_imagenet_size():
+    """224×224, random masks from 1 % (direct) to 50 % (iterated): within 1e-5 of the ROAD authors'
+    imputer as pytorch-grad-cam ships it (float64 ``spsolve``), noise off."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    peer = NoisyLinearImputer(noise=0.0)
+    generator = torch.Generator().manual_seed(23)
+    fractions = (0.01, 0.1, 0.5)
+    x = torch.rand(len(fractions), C, 224, 224, generator=generator)
+    removed = torch.stack([torch.rand(224, 224, generator=generator) < p for p in fractions])
+    out = road_impute(x, removed, noise=0)
+    for k in range(len(fractions)):
+        theirs = peer(x[k], (~removed[k]).float())  # the peer's mask: 1 where a pixel is kept
+        assert float((out[k] - theirs).abs().max()) < 1e-5, fractions[k]
+
+
+def test_a_pixel_mask_and_its_per_channel_copy_give_the_same_bits():
+    """The same systems and the same draws, (channel, row, column) per image, whichever form the mask has."""
+    x = torch.rand(3, C, 24, 24, generator=torch.Generator().manual_seed(24))
+    removed = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(25)) < torch.tensor([0.05, 0.3, 0.9]).view(
+        3, 1, 1
+    )
+
+    def generators():
+        return [torch.Generator().manual_seed(200 + i) for i in range(3)]
+
+    pixel = road_impute(x, removed, generator=generators())
+    channel = road_impute(x, removed[:, None].expand(3, C, 24, 24), generator=generators())
+    assert torch.equal(bits(pixel), bits(channel))
+
+
 # --------------------------------------------------------------------------------------------- noise, batches
 
 
@@ -254,7 +342,7 @@ def test_batch_results_equal_per_image_results_bit_for_bit(per_channel):
 def test_chunks_and_dropping_finished_planes_do_not_change_a_result(monkeypatch):
     """Planes are solved in chunks of whole images, and a chunk drops its finished planes midway: neither
     which planes share a chunk nor at which row a plane ends up changes a bit of its result."""
-    from roar.perturb.road import grid
+    from roar.perturb.road import direct, grid
 
     x = torch.rand(9, C, 20, 20, generator=torch.Generator().manual_seed(13))
     fractions = torch.tensor([0.02, 0.97, 0.1, 0.5, 0.9, 0.05, 0.7, 0.3, 0.99]).view(9, 1, 1)
@@ -266,7 +354,9 @@ def test_chunks_and_dropping_finished_planes_do_not_change_a_result(monkeypatch)
     always = road_impute(x, removed, noise=0)
     monkeypatch.setattr(grid, "CHUNK_VALUES", 1)  # one plane per chunk
     alone = road_impute(x, removed, noise=0)
-    for other in (never, always, alone):
+    monkeypatch.setattr(direct, "CHUNK_PIXELS", 1)  # the direct route: one plane per chunk as well
+    direct_alone = road_impute(x, removed, noise=0)
+    for other in (never, always, alone, direct_alone):
         assert torch.equal(bits(other), bits(default))
 
 
