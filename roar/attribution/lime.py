@@ -29,8 +29,9 @@ sample, so on a CPU the model bounds the gain: ``docs/benchmarks.md`` (section "
 
 Randomness. An image's sample vectors come from a numpy generator seeded by (``seed``, its dataset
 index: ``context.indices``, the batch positions without them), and the fill sees sample k of every
-image as index k (a noisy fill such as ``road`` draws the same noise for it whatever the image): so
-an image gets the same map in any batch, at any position, in any run. The batch's ``generator`` is
+image as index k (a noisy fill such as ``road`` seeds its noise for it by k alone, and its draws then
+depend only on the image and its mask): so an image gets the same map in any batch, at any position,
+in any run. The batch's ``generator`` is
 not used.
 """
 

@@ -24,6 +24,7 @@ others), so its arithmetic is the same whatever other groups or planes are solve
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -99,8 +100,8 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
         # where the neighbour is not removed), through a lookup written only at the removed positions.
         lookup = _lookup(len(removed), device)
         lookup.index_copy_(0, at, torch.arange(n, device=device))
-        index = torch.full((n,), -1, dtype=torch.int64, device=device)
-        index[grouped] = torch.arange(len(grouped), device=device)
+        index = torch.empty(n, dtype=torch.int64, device=device)
+        index.index_copy_(0, grouped, torch.arange(len(grouped), device=device))
         linked = gone.index_select(1, grouped)
         positions = torch.where(linked, other.index_select(1, grouped), at.index_select(0, grouped))
         links = index.index_select(0, lookup.index_select(0, positions.view(-1))).view(linked.shape)
@@ -111,7 +112,15 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
         too_large = torch.isin(plane, large_planes)
         small = (~too_large.index_select(0, grouped)).nonzero()[:, 0]
         if len(small) == len(grouped):  # the usual case: no plane of the chunk holds a larger group
-            solved = _solve_groups(label, links, linked, small, diagonal[grouped], rhs[:, grouped], len(grouped))
+            solved = _solve_groups(
+                label,
+                links,
+                linked,
+                small,
+                diagonal.index_select(0, grouped),
+                rhs.index_select(1, grouped),
+                len(grouped),
+            )
             solution.index_copy_(1, grouped, solved)
         elif len(small):
             members = grouped.index_select(0, small)
@@ -195,43 +204,57 @@ def _solve_groups(
     """The solution [R, n] float64 of grouped pixels in groups of 2–LARGEST pixels: ``members`` their
     indices among all G grouped pixels (ascending), ``label`` their group labels, ``links`` [8, n] and
     ``linked`` their neighbours (indices among the G) and which of them are removed; ``rhs`` [R, n]."""
-    device, r = members.device, rhs.shape[0]
-    order = torch.sort(label, stable=True).indices  # by group, raster order within one
-    _, sizes = torch.unique_consecutive(label[order], return_counts=True)
-    group = torch.empty_like(order)
-    group[order] = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
-    local = torch.empty_like(order)
-    local[order] = torch.arange(len(order), device=device) - (torch.cumsum(sizes, 0) - sizes)[group[order]]
-    local_of = torch.full((g,), -1, dtype=torch.int64, device=device)
-    local_of[members] = local
-    weights = torch.tensor([-float(weight) for _, _, weight in NEIGHBOURS], dtype=torch.float64, device=device)
-    padded = 2 ** torch.ceil(torch.log2(sizes.double())).long()  # 2, 4, 8, 16
-    solution = torch.empty(r, len(members), dtype=torch.float64, device=device)
-    channels = torch.arange(r, device=device)
-    for n in padded.unique().tolist():
-        # The groups padded to n pixels, as augmented systems [groups, n, n + R] written through flat
+    device, r, n_all = members.device, rhs.shape[0], len(members)
+    # Sort by padded size, then group, then raster order (stable): every padded size is one contiguous
+    # range, every group a contiguous run in it; ``local`` is a pixel's place in its group.
+    size = torch.bincount(label, minlength=g).index_select(0, label)
+    padded = _PADDED.to(device).index_select(0, size)
+    order = torch.sort(padded * g + label, stable=True).indices
+    key = (padded * g + label).index_select(0, order)
+    first = torch.ones(n_all, dtype=torch.bool, device=device)
+    first[1:] = key[1:] != key[:-1]
+    group = torch.cumsum(first, 0) - 1  # of each sorted pixel
+    positions = torch.arange(n_all, device=device)
+    local = positions - torch.where(first, positions, 0).cummax(0).values
+    local_of = torch.empty(g, dtype=torch.int64, device=device).index_copy_(0, members.index_select(0, order), local)
+    # The sorted pixels' data, and each removed neighbour's place in its group.
+    diagonal, rhs, linked = diagonal.index_select(0, order), rhs.index_select(1, order), linked.index_select(1, order)
+    partner = local_of.index_select(0, links.index_select(1, order).view(-1)).view(links.shape)
+    padded = padded.index_select(0, order)
+    solution = torch.empty(r, n_all, dtype=torch.float64, device=device)
+    counts = torch.bincount(padded, minlength=LARGEST + 1).tolist()
+    a = 0
+    for n in (2, 4, 8, 16):
+        if not counts[n]:
+            continue
+        b = a + counts[n]
+        # The groups padded to n pixels as augmented systems [groups, n, n + R], written through flat
         # indices: identity (padding rows), D, −a_ij between linked pixels, b.
-        m = n + r
-        groups = (padded == n).nonzero()[:, 0]
-        row_of = torch.full((len(sizes),), -1, dtype=torch.int64, device=device)
-        row_of[groups] = torch.arange(len(groups), device=device)
-        at = (padded[group] == n).nonzero()[:, 0]
-        start = row_of[group[at]] * (n * m) + local[at] * m  # each pixel's row
-        on = linked.index_select(1, at)
-        where = on.nonzero()
-        partner = links.index_select(1, at).view(-1).index_select(0, where[:, 0] * len(at) + where[:, 1])
-        identity = (
-            torch.arange(len(groups), device=device)[:, None] * (n * m) + torch.arange(n, device=device) * (m + 1)
-        ).view(-1)
-        system = torch.zeros(len(groups) * n * m, dtype=torch.float64, device=device)
-        system[identity] = 1.0
-        system.index_copy_(0, start + local[at], diagonal[at])
-        system.index_copy_(0, start[where[:, 1]] + local_of[partner], weights[where[:, 0]])
-        rhs_at = (start[:, None] + n + channels).view(-1)
-        system.index_copy_(0, rhs_at, rhs[:, at].T.reshape(-1))
-        _gauss_jordan(system.view(len(groups), n, m), n)
-        solution[:, at] = system.index_select(0, rhs_at).view(-1, r).T
-    return solution
+        m, rows = n + r, group[a:b] - group[a]
+        count = int(rows[-1]) + 1
+        start = rows * (n * m) + local[a:b] * m  # each pixel's row
+        system = torch.zeros(count * n * m, dtype=torch.float64, device=device)
+        system.view(count, n * m)[:, :: m + 1] = 1.0
+        system.index_copy_(0, start + local[a:b], diagonal[a:b])
+        on = linked[:, a:b].nonzero()
+        system.index_copy_(
+            0,
+            start.index_select(0, on[:, 1])
+            + partner[:, a:b].reshape(-1).index_select(0, on[:, 0] * (b - a) + on[:, 1]),
+            _LINK_WEIGHTS.to(device).index_select(0, on[:, 0]),
+        )
+        rhs_at = (start + n)[None, :] + torch.arange(r, device=device)[:, None]
+        system.index_copy_(0, rhs_at.view(-1), rhs[:, a:b].reshape(-1))
+        _gauss_jordan(system.view(count, n, m), n)
+        solution[:, a:b] = system.index_select(0, rhs_at.view(-1)).view(r, b - a)
+        a = b
+    return torch.empty_like(solution).index_copy_(1, order, solution)
+
+
+_PADDED = torch.tensor([0, 1] + [2 ** math.ceil(math.log2(k)) for k in range(2, LARGEST + 1)])
+"""A group's size padded to the next power of two (its system's size), by size."""
+
+_LINK_WEIGHTS = torch.tensor([-float(weight) for _, _, weight in NEIGHBOURS], dtype=torch.float64)
 
 
 def _gauss_jordan(system: torch.Tensor, n: int) -> None:
