@@ -109,7 +109,8 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
         label, unsettled = _groups(links, grouped_plane)
         sizes = torch.bincount(label, minlength=len(grouped)).index_select(0, label)
         large_planes = torch.cat([grouped_plane[sizes > LARGEST], unsettled]).unique()
-        too_large = torch.isin(plane, large_planes)
+        if len(large_planes):
+            too_large = torch.isin(plane, large_planes)
         small = (~too_large.index_select(0, grouped)).nonzero()[:, 0]
         if len(small) == len(grouped):  # the usual case: no plane of the chunk holds a larger group
             solved = _solve_groups(
@@ -173,20 +174,24 @@ def _lookup(size: int, device: torch.device) -> torch.Tensor:
 
 def _groups(links: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Label the 8-connected groups of pixels whose neighbours (indices among them, [8, G], a pixel's own
-    index where it has none) are ``links``: each pixel gets the smallest index of its group. Each round
-    takes the smallest label among a pixel's neighbours, then a label's own label (a shortcut: both are
-    indices in the same group, never larger); a group of at most ``LARGEST`` pixels settles in fewer
-    rounds, so the planes still changing after ``LARGEST`` rounds (they hold a larger group) are returned
-    as unsettled. Integer minima only: exact, whatever else is labelled beside."""
+    index where it has none) are ``links``: each pixel gets the smallest index of its group.
+
+    Every label is the index of a pixel of the same group, never larger than the pixel's own. Each round
+    hooks: the pixel a label points to takes the smallest label around the pixel (a scatter-min); then
+    two shortcuts (a label's own label). The labels stop changing only when each group carries its
+    smallest index. Integer minima only: exact in any order, whatever else is labelled beside. A group of
+    at most ``LARGEST`` pixels settles in fewer rounds; the planes still changing after ``LARGEST``
+    rounds are returned as unsettled (they go to the iterative solve, which is exact for any mask)."""
     label = torch.arange(links.shape[1], device=links.device)
     for _ in range(LARGEST):
-        around = label.index_select(0, links.view(-1)).view(links.shape)
-        spread = label
-        for row in around:
-            spread = torch.minimum(spread, row)
-        spread = spread.index_select(0, spread)
-        changed = spread != label
-        label = spread
+        low = label
+        for row in label.index_select(0, links.view(-1)).view(links.shape):
+            low = torch.minimum(low, row)
+        hooked = label.clone().scatter_reduce_(0, label, low, reduce="amin")
+        hooked = hooked.index_select(0, hooked)
+        hooked = hooked.index_select(0, hooked)
+        changed = hooked != label
+        label = hooked
         if not bool(changed.any()):
             return label, plane[:0]
     return label, plane[changed].unique()
