@@ -18,13 +18,12 @@ irreducibly so, as every group touches a known pixel unless its plane is removed
 result rounds once to float32: within ~1e-7 of the exact solution.
 
 Batch invariance. Everything here is element-wise or indexing per pixel or per group; a group's system
-is padded to the next power of two of its own size (identity rows, which change no value of the
+is padded to a size fixed by its own (``_SYSTEM_SIZES``) (identity rows, which change no value of the
 others), so its arithmetic is the same whatever other groups or planes are solved beside it.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -42,7 +41,7 @@ looking for small ones would be wasted work. A function of the plane alone, like
 
 
 CHUNK_PIXELS = 1 << 16
-"""Removed pixels per chunk of whole planes: small enough for the [8, n] neighbour arrays to stay in
+"""Removed pixels per chunk of whole planes: small enough for the [n, 8] neighbour arrays to stay in
 cache, large enough to amortise the ~150 operations of a chunk; the fastest of 2^11–2^16 on a 2-core EPYC."""
 
 
@@ -73,28 +72,31 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
     device, n = values.device, len(at)
     plane = at.div(h * w, rounding_mode="floor")
     y, x = (at - plane * (h * w)).div(w, rounding_mode="floor"), at % w
-    # All 8 neighbours at once, [8, n]: inside the image (from which borders the pixel touches), removed,
-    # known; each neighbour's position (the pixel's own where the neighbour is outside). A value is read
-    # only where its neighbour is known (what a removed position holds is never used). index_select:
-    # several times faster than indexing.
+    # All 8 neighbours of every pixel, [n, 8] (a pixel's neighbours side by side: they share 3 rows of
+    # the image, so reading them together stays in cache): inside the image (from which borders the
+    # pixel touches), removed, known; each neighbour's position (the pixel's own where the neighbour is
+    # outside). A value is read only where its neighbour is known (what a removed position holds is never
+    # used). index_select: several times faster than indexing.
     edge = (y == 0).long() + (y == h - 1).long() * 2 + (x == 0).long() * 4 + (x == w - 1).long() * 8
-    inside = _INSIDE.to(device).index_select(0, edge).T.contiguous()
-    other = torch.where(inside, at + _offsets(w).to(device), at)
-    gone = inside & removed.index_select(0, other.view(-1)).view(other.shape).bool()
+    inside = _INSIDE.to(device).index_select(0, edge)
+    other = torch.where(inside, at[:, None] + _offsets(w).to(device), at[:, None])
+    gone = inside & removed.index_select(0, other.view(-1)).view(n, 8).bool()
     known = inside & ~gone
     # Channel c of a neighbour is at (plane·R + c)·H·W + its pixel: one index, read from R shifted views.
-    index = (other + plane * ((r - 1) * h * w)).view(-1)
+    index = (other + (plane * ((r - 1) * h * w))[:, None]).view(-1)
     flat = values.reshape(-1)
-    value = torch.stack([flat[c * h * w :].index_select(0, index) for c in range(r)]).view(r, 8, n)
-    value.masked_fill_(~known, 0.0)
+    value = torch.empty(r, n * 8, dtype=values.dtype, device=device)
+    for c in range(r):
+        torch.index_select(flat[c * h * w :], 0, index, out=value[c])
+    value = value.view(r, n, 8).masked_fill_(~known, 0.0).to(torch.float32)
     # D, and b summed over the neighbours in a fixed order (direct ones ×2, diagonal ones ×1), in float32
     # (relative error < 3e-7; summing in float64 cost a third of the solve).
     diagonal = _DIAGONAL.to(device).index_select(0, edge)
-    v = value.unbind(dim=1)
+    v = value.unbind(dim=2)
     rhs = ((v[1] + v[3] + v[4] + v[6]) * 2.0 + (v[0] + v[2] + v[5] + v[7])).double()
     solution = rhs / diagonal  # exact for a pixel alone
     too_large = torch.zeros(n, dtype=torch.bool, device=device)
-    grouped = gone.any(dim=0).nonzero()[:, 0]
+    grouped = gone.any(dim=1).nonzero()[:, 0]
     if len(grouped):
         # Each grouped pixel's removed neighbours as indices among the grouped pixels (its own index
         # where the neighbour is not removed), through a lookup written only at the removed positions.
@@ -102,8 +104,8 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
         lookup.index_copy_(0, at, torch.arange(n, device=device))
         index = torch.empty(n, dtype=torch.int64, device=device)
         index.index_copy_(0, grouped, torch.arange(len(grouped), device=device))
-        linked = gone.index_select(1, grouped)
-        positions = torch.where(linked, other.index_select(1, grouped), at.index_select(0, grouped))
+        linked = gone.index_select(0, grouped)
+        positions = torch.where(linked, other.index_select(0, grouped), at.index_select(0, grouped)[:, None])
         links = index.index_select(0, lookup.index_select(0, positions.view(-1))).view(linked.shape)
         grouped_plane = plane.index_select(0, grouped)
         label, unsettled = _groups(links, grouped_plane)
@@ -127,8 +129,8 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
             members = grouped.index_select(0, small)
             solved = _solve_groups(
                 label.index_select(0, small),
-                links.index_select(1, small),
-                linked.index_select(1, small),
+                links.index_select(0, small),
+                linked.index_select(0, small),
                 small,
                 diagonal.index_select(0, members),
                 rhs.index_select(1, members),
@@ -139,8 +141,8 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
 
 
 def _offsets(w: int) -> torch.Tensor:
-    """Flat offsets [8, 1] of the 8 neighbours in rows of width w."""
-    return torch.tensor([dy * w + dx for dy, dx, _ in NEIGHBOURS]).view(8, 1)
+    """Flat offsets [8] of the 8 neighbours in rows of width w."""
+    return torch.tensor([dy * w + dx for dy, dx, _ in NEIGHBOURS])
 
 
 def _border_tables() -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +175,7 @@ def _lookup(size: int, device: torch.device) -> torch.Tensor:
 
 
 def _groups(links: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label the 8-connected groups of pixels whose neighbours (indices among them, [8, G], a pixel's own
+    """Label the 8-connected groups of pixels whose neighbours (indices among them, [G, 8], a pixel's own
     index where it has none) are ``links``: each pixel gets the smallest index of its group.
 
     Every label is the index of a pixel of the same group, never larger than the pixel's own. Each round
@@ -182,11 +184,11 @@ def _groups(links: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, tor
     smallest index. Integer minima only: exact in any order, whatever else is labelled beside. A group of
     at most ``LARGEST`` pixels settles in fewer rounds; the planes still changing after ``LARGEST``
     rounds are returned as unsettled (they go to the iterative solve, which is exact for any mask)."""
-    label = torch.arange(links.shape[1], device=links.device)
+    label = torch.arange(len(links), device=links.device)
     for _ in range(LARGEST):
         low = label
-        for row in label.index_select(0, links.view(-1)).view(links.shape):
-            low = torch.minimum(low, row)
+        for column in label.index_select(0, links.view(-1)).view(links.shape).unbind(dim=1):
+            low = torch.minimum(low, column)
         hooked = label.clone().scatter_reduce_(0, label, low, reduce="amin")
         hooked = hooked.index_select(0, hooked)
         hooked = hooked.index_select(0, hooked)
@@ -207,7 +209,7 @@ def _solve_groups(
     g: int,
 ) -> torch.Tensor:
     """The solution [R, n] float64 of grouped pixels in groups of 2–LARGEST pixels: ``members`` their
-    indices among all G grouped pixels (ascending), ``label`` their group labels, ``links`` [8, n] and
+    indices among all G grouped pixels (ascending), ``label`` their group labels, ``links`` [n, 8] and
     ``linked`` their neighbours (indices among the G) and which of them are removed; ``rhs`` [R, n]."""
     device, r, n_all = members.device, rhs.shape[0], len(members)
     # Sort by padded size, then group, then raster order (stable): every padded size is one contiguous
@@ -223,13 +225,13 @@ def _solve_groups(
     local = positions - torch.where(first, positions, 0).cummax(0).values
     local_of = torch.empty(g, dtype=torch.int64, device=device).index_copy_(0, members.index_select(0, order), local)
     # The sorted pixels' data, and each removed neighbour's place in its group.
-    diagonal, rhs, linked = diagonal.index_select(0, order), rhs.index_select(1, order), linked.index_select(1, order)
-    partner = local_of.index_select(0, links.index_select(1, order).view(-1)).view(links.shape)
+    diagonal, rhs, linked = diagonal.index_select(0, order), rhs.index_select(1, order), linked.index_select(0, order)
+    partner = local_of.index_select(0, links.index_select(0, order).view(-1)).view(links.shape)
     padded = padded.index_select(0, order)
     solution = torch.empty(r, n_all, dtype=torch.float64, device=device)
     counts = torch.bincount(padded, minlength=LARGEST + 1).tolist()
     a = 0
-    for n in (2, 4, 8, 16):
+    for n in _SYSTEM_SIZES:
         if not counts[n]:
             continue
         b = a + counts[n]
@@ -241,12 +243,11 @@ def _solve_groups(
         system = torch.zeros(count * n * m, dtype=torch.float64, device=device)
         system.view(count, n * m)[:, :: m + 1] = 1.0
         system.index_copy_(0, start + local[a:b], diagonal[a:b])
-        on = linked[:, a:b].nonzero()
+        on = linked[a:b].nonzero()  # (pixel, direction) of every link
         system.index_copy_(
             0,
-            start.index_select(0, on[:, 1])
-            + partner[:, a:b].reshape(-1).index_select(0, on[:, 0] * (b - a) + on[:, 1]),
-            _LINK_WEIGHTS.to(device).index_select(0, on[:, 0]),
+            start.index_select(0, on[:, 0]) + partner[a:b].reshape(-1).index_select(0, on[:, 0] * 8 + on[:, 1]),
+            _LINK_WEIGHTS.to(device).index_select(0, on[:, 1]),
         )
         rhs_at = (start + n)[None, :] + torch.arange(r, device=device)[:, None]
         system.index_copy_(0, rhs_at.view(-1), rhs[:, a:b].reshape(-1))
@@ -256,8 +257,12 @@ def _solve_groups(
     return torch.empty_like(solution).index_copy_(1, order, solution)
 
 
-_PADDED = torch.tensor([0, 1] + [2 ** math.ceil(math.log2(k)) for k in range(2, LARGEST + 1)])
-"""A group's size padded to the next power of two (its system's size), by size."""
+_SYSTEM_SIZES = (2, 3, 4, 6, 8, 12, 16)
+"""The sizes of the dense systems: a group is padded to the first that holds it (Gauss–Jordan costs n²(n + R)
+per system, so close sizes save more than the extra calls cost)."""
+
+_PADDED = torch.tensor([0, 1] + [next(n for n in _SYSTEM_SIZES if n >= k) for k in range(2, LARGEST + 1)])
+"""A group's size padded to its system's size, by group size."""
 
 _LINK_WEIGHTS = torch.tensor([-float(weight) for _, _, weight in NEIGHBOURS], dtype=torch.float64)
 
