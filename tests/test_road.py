@@ -258,19 +258,42 @@ def test_small_groups_are_solved_directly_and_exactly(monkeypatch):
     assert float((out.double() - expected(x, per_channel)).abs().max()) < 2e-7
 
 
-def test_a_group_above_16_pixels_sends_its_plane_to_the_iterative_solve(monkeypatch):
-    from roar.perturb.road import grid
+def test_a_group_above_16_pixels_sends_its_plane_to_the_sparse_factorisation(monkeypatch):
+    """A plane with few removed pixels but a larger group (a blob, as attribution maps remove) is factorised
+    exactly, never iterated; the other planes of the batch keep their direct solve."""
+    from roar.perturb.road import grid, sparse
 
     mask, _ = separated_groups()
     long = mask.clone()
     long[12, 2:19] = True  # the line of 16 grows to 17
     calls = []
-    original = grid.solve_planes
-    monkeypatch.setattr(grid, "solve_planes", lambda v, *a, **k: calls.append(len(v)) or original(v, *a, **k))
+    original = sparse.solve_planes
+    monkeypatch.setattr(sparse, "solve_planes", lambda v, *a, **k: calls.append(len(v)) or original(v, *a, **k))
+    monkeypatch.setattr(grid, "solve_planes", lambda *a, **k: pytest.fail("a sparse plane was iterated"))
     x = torch.rand(2, C, *mask.shape, generator=torch.Generator().manual_seed(22))
     removed = torch.stack([mask, long])
     out = road_impute(x, removed, noise=0)
-    assert calls == [C]  # one image's 3 channel planes
+    assert calls == [1]  # one image, its 3 channels as right-hand sides
+    assert float((out.double() - expected(x, removed)).abs().max()) < 2e-7
+    # Per-channel masks: one plane per channel.
+    calls.clear()
+    out = road_impute(x, torch.stack([mask, long, mask])[None].expand(2, C, *mask.shape), noise=0)
+    assert calls == [2]
+
+
+def test_only_planes_removing_over_a_quarter_are_iterated(monkeypatch):
+    from roar.perturb.road import grid
+
+    calls = []
+    original = grid.solve_planes
+    monkeypatch.setattr(grid, "solve_planes", lambda v, *a, **k: calls.append(len(v)) or original(v, *a, **k))
+    x = torch.rand(3, C, 16, 16, generator=torch.Generator().manual_seed(26))
+    removed = torch.zeros(3, 16, 16, dtype=torch.bool)
+    removed[0, 2:10, 2:10] = True  # 64 of 256: a quarter, a blob → factorised
+    removed[1, 2:10, 2:11] = True  # 72: over a quarter → iterated
+    removed[2, ::3, ::3] = True  # scattered → direct
+    out = road_impute(x, removed, noise=0)
+    assert calls == [C]
     assert float((out.double() - expected(x, removed)).abs().max()) < 1e-5
 
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from roar.core.device import one_cpu_thread
-from roar.perturb.road import direct, grid
+from roar.perturb.road import direct, grid, sparse
 
 NOISE = 0.01
 """ROAD's default noise standard deviation, in [0, 1] image units."""
@@ -109,6 +109,7 @@ def _impute(
     r = c if mask.shape[1] == 1 else 1
     s, hw = b * c // r, h * w
     flat = mask.reshape(-1)
+    planes = flat.view(s, h, w)
     values = out.view(s, r, h, w)  # the input's values, until the end
     # The removed pixels in raster order (plane, row, column), the position of each one's R values in
     # ``out`` [R, K], each plane's route, and the solution [R, K].
@@ -121,10 +122,15 @@ def _impute(
     iterate = (count > hw * direct.DIRECT_SHARE) & ~nothing_known
     solved = torch.empty(r, len(removed), dtype=torch.float32, device=images.device)
     at = (~iterate & ~nothing_known).index_select(0, plane).nonzero()[:, 0]
+    factorise = torch.zeros_like(iterate)
     if len(at):
         solution, too_large = direct.solve(values, flat, removed.index_select(0, at))
         solved.index_copy_(1, at, solution)
-        iterate[plane.index_select(0, at[too_large])] = True
+        factorise[plane.index_select(0, at[too_large])] = True
+    at = factorise.index_select(0, plane).nonzero()[:, 0]
+    if len(at):
+        chosen = factorise.nonzero()[:, 0]
+        solved.index_copy_(1, at, sparse.solve_planes(values.index_select(0, chosen), planes.index_select(0, chosen)))
     at = iterate.index_select(0, plane).nonzero()[:, 0]
     if len(at):
         chosen = iterate.nonzero()[:, 0]
