@@ -9,17 +9,19 @@ mask gives each channel its own); then N(0, noise²) noise is added to the imput
 Each plane goes to the cheapest exact route, decided by its own mask alone (so an image's result never
 depends on its batch, which both ROAR retraining paths, in memory and streaming, rely on):
 
-* groups of removed pixels all small (8-connected groups of at most ``direct.LARGEST`` pixels, which is
-  every random mask up to ~10 % removed, ROAR's ImageNet regime): solved directly, a pixel alone as the
-  mean of its neighbours and a group as a small dense system, in work proportional to the removed
-  pixels (``roar.perturb.road.direct``);
-* a larger group: preconditioned conjugate gradients over the plane's padded grid, bound by memory
-  traffic over the whole plane, the cheaper form once groups span it (``roar.perturb.road.grid``, whose
-  docstring gives the tolerance and its measured error, < 2.5e-6 against a float64 direct solve);
+* at most a quarter removed, in groups (8-connected) of at most ``direct.LARGEST`` pixels, which is
+  every random mask up to ~10 % removed: solved directly, a pixel alone as the mean of its neighbours
+  and a group as a small dense system, in work proportional to the removed pixels
+  (``roar.perturb.road.direct``);
+* at most a quarter removed, with a larger group (the blobs attribution maps remove at ROAR's ImageNet
+  fractions): a sparse direct factorisation of the plane's system (``roar.perturb.road.sparse``);
+* more than a quarter removed: preconditioned conjugate gradients over the plane's padded grid, bound
+  by memory traffic over the whole plane, the cheaper form once groups span it
+  (``roar.perturb.road.grid``, whose docstring gives the tolerance and its measured error, < 2.5e-6
+  against a float64 direct solve; the other routes are exact to float32 rounding);
 * nothing known (the whole plane removed): there is no Dirichlet value and no unique solution, so the
   plane is set to ``fallback`` (per channel, default 0.5; the ``road`` fill uses the dataset mean).
 
-The groups are labelled by ``scipy.ndimage.label`` on the CPU (the mask is copied there from a GPU).
 Noise is drawn only for the imputed values, as the ROAD authors do: per image, one standard normal draw
 per removed value in the order (channel, row, column), the same for a pixel mask as for its per-channel
 copy.

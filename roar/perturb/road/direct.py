@@ -7,18 +7,18 @@ dense system, solved exactly. That is all there is to do for random masks removi
 pixels (at 10 % the largest group of a 224×224 plane has ~11 pixels; above ~20 % groups grow quickly
 and merge into one spanning the plane at ~40 %, the site-percolation threshold of the 8-neighbour
 lattice), so a plane whose groups are all small is solved without iterating and in work proportional
-to its removed pixels. Planes with a larger group go to the iterative solve of
-``roar.perturb.road.grid``.
+to its removed pixels. Planes with a larger group go to the sparse factorisation of
+``roar.perturb.road.sparse``.
 
 The equations use the ×12 integer weights (direct neighbours 2, diagonal ones 1): row i reads
 ``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k`` with D_i the sum of the in-image weights.
-The matrix is exact in float64 and the right-hand side nearly so, the dense systems are solved in
-float64 by Gauss–Jordan elimination without pivoting (stable: the matrix is diagonally dominant and
-irreducibly so, as every group touches a known pixel unless its plane is removed entirely), and the
-result rounds once to float32: within ~1e-7 of the exact solution.
+The matrix is exact in float64, the right-hand side is summed in float32 (relative error < 3e-7), the
+dense systems are solved in float64 by Gauss–Jordan elimination without pivoting (stable: the matrix is
+diagonally dominant and irreducibly so, as every group touches a known pixel unless its plane is
+removed entirely), and the result rounds once to float32: within ~1.2e-7 of a float64 direct solve.
 
 Batch invariance. Everything here is element-wise or indexing per pixel or per group; a group's system
-is padded to a size fixed by its own (``_SYSTEM_SIZES``) (identity rows, which change no value of the
+is padded to a size fixed by its own (``_SYSTEM_SIZES``; identity rows, which change no value of the
 others), so its arithmetic is the same whatever other groups or planes are solved beside it.
 """
 
@@ -29,15 +29,17 @@ import threading
 import torch
 
 LARGEST = 16
-"""Groups of removed pixels up to this size are solved directly; a plane with a larger one is iterated."""
+"""Groups of removed pixels up to this size are solved directly; a plane with a larger one is factorised."""
 
 NEIGHBOURS = ((-1, -1, 1), (-1, 0, 2), (-1, 1, 1), (0, -1, 2), (0, 1, 2), (1, -1, 1), (1, 0, 2), (1, 1, 1))
 """(dy, dx, ×12 weight) of the 8 neighbours, in the fixed order every sum over them follows."""
 
 DIRECT_SHARE = 0.25
-"""Planes removing more than this share of their pixels go straight to the iterative solve: random masks
-that dense have groups far above ``LARGEST`` (the largest of a 224×224 plane is ~40 pixels at 20 %), so
-looking for small ones would be wasted work. A function of the plane alone, like every routing choice."""
+"""Planes removing more than this share of their pixels go straight to the iterative solve: their groups
+are far above ``LARGEST`` (the largest of a random 224×224 mask is ~40 pixels at 20 %) and soon span
+the plane, where a factorisation fills in and CG over the grid is the cheaper form (``docs/benchmarks.md``:
+12–17× the authors' factorisation at 50 and 90 %). A function of the plane alone, like every routing
+choice."""
 
 
 CHUNK_PIXELS = 1 << 16
@@ -67,7 +69,7 @@ def _solve(values: torch.Tensor, removed: torch.Tensor, at: torch.Tensor) -> tup
     ``removed`` uint8 0/1 [S·H·W] (R right-hand sides sharing one mask: the channels of a pixel mask).
 
     Returns the float32 solution [R, n] and, per pixel, whether its plane has a group larger than
-    ``LARGEST`` (then its solution is not computed and the plane must be iterated instead)."""
+    ``LARGEST`` (then its solution is not computed and the plane must be factorised instead)."""
     s, r, h, w = values.shape
     device, n = values.device, len(at)
     plane = at.div(h * w, rounding_mode="floor")
@@ -183,7 +185,7 @@ def _groups(links: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, tor
     two shortcuts (a label's own label). The labels stop changing only when each group carries its
     smallest index. Integer minima only: exact in any order, whatever else is labelled beside. A group of
     at most ``LARGEST`` pixels settles in fewer rounds; the planes still changing after ``LARGEST``
-    rounds are returned as unsettled (they go to the iterative solve, which is exact for any mask)."""
+    rounds are returned as unsettled (they go to the sparse factorisation, which is exact for any mask)."""
     label = torch.arange(len(links), device=links.device)
     for _ in range(LARGEST):
         low = label

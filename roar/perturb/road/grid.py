@@ -1,5 +1,5 @@
-"""The iterative solve of ROAD's system on the padded pixel grid, for planes with large groups of removed
-pixels (``roar.perturb.road`` sends the others to the direct solves of ``roar.perturb.road.direct``).
+"""The iterative solve of ROAD's system on the padded pixel grid, for planes removing more than a quarter of
+their pixels (``roar.perturb.road`` sends the others to ``direct`` or ``sparse``).
 
 Multiplying row i by its normaliser (×12, so the weights become the integers 2 and 1) gives the
 symmetric positive definite system ``D_i x_i − Σ_{j removed} a_ij x_j = Σ_{k known} a_ik v_k``,
