@@ -184,7 +184,7 @@ def test_a_sweep_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_one(trai
     import sys
     import time
 
-    overrides = ["attribution.methods=[ground_truth]", "retrain.methods=[ground_truth]", "retrain.training.epochs=4"]
+    overrides = ["attribution.methods=[ground_truth]", "retrain.methods=[ground_truth]", "retrain.training.epochs=2"]
     straight, _ = run_copy(trained_run, tmp_path, "straight", overrides)
     killed, sets = run_copy(trained_run, tmp_path, "killed", overrides)
     extract(straight)
