@@ -328,6 +328,55 @@ def test_a_pixel_mask_and_its_per_channel_copy_give_the_same_bits():
     assert torch.equal(bits(pixel), bits(channel))
 
 
+def test_groups_are_labelled_as_scipy_labels_them_and_a_slow_plane_is_unsettled(monkeypatch):
+    """The labelling behind the direct route: the same 8-connected groups as ``scipy.ndimage.label``, each
+    carrying its smallest index; a plane still changing after the allowed rounds is named, not guessed."""
+    from scipy.ndimage import label as scipy_label
+
+    from roar.perturb.road import direct
+
+    mask = torch.rand(2, 40, 40, generator=torch.Generator().manual_seed(27)) < 0.3
+    mask[1, 20, :] = True  # a long line: many rounds without shortcuts
+    flat = mask.reshape(-1).nonzero()[:, 0]
+    plane, y, x = flat // 1600, flat % 1600 // 40, flat % 40
+    index = {(int(p), int(a), int(b)): k for k, (p, a, b) in enumerate(zip(plane, y, x))}
+    links = torch.tensor(
+        [
+            [
+                index.get((int(p), int(a) + dy, int(b) + dx), k) if 0 <= b + dx < 40 else k
+                for dy, dx, _ in direct.NEIGHBOURS
+            ]
+            for k, (p, a, b) in enumerate(zip(plane, y, x))
+        ]
+    )
+    label, unsettled = direct._groups(links, plane)
+    assert len(unsettled) == 0
+    theirs = np.concatenate(
+        [scipy_label(m, structure=np.ones((3, 3)))[0][m] + 10_000 * i for i, m in enumerate(mask.numpy())]
+    )
+    ours = label.numpy()
+    assert len(set(zip(ours, theirs))) == len(set(ours)) == len(set(theirs))  # the same partition
+    assert all(ours[k] == min(np.flatnonzero(ours == ours[k])) for k in range(len(ours)))  # the smallest index
+    monkeypatch.setattr(direct, "LARGEST", 1)  # one round: the line's plane cannot settle
+    _, unsettled = direct._groups(links, plane)
+    assert 1 in unsettled.tolist()
+
+
+def test_the_road_fill_records_the_revision_of_its_numbers():
+    """Results computed with the earlier numbers (noise drawn for every pixel, one iterative solver) are
+    recomputed on a rerun: the fill's settings, which every result records, name the revision."""
+    from roar.stages.reuse import Reuse
+
+    current = RetrainConfig(fill={"name": "road"}).fill.model_dump(mode="json")
+    assert current["numerics"] == 2
+    earlier = {k: v for k, v in current.items() if k != "numerics"}
+    reuse = Reuse()
+    assert not reuse.fresh("random", {"retrain": {"fill": earlier}}, {"retrain": {"fill": current}})
+    assert "retrain.fill.numerics" in reuse.why()
+    with pytest.raises(Exception, match="numerics"):
+        RetrainConfig(fill={"name": "road", "numerics": 1})
+
+
 # --------------------------------------------------------------------------------------------- noise, batches
 
 

@@ -263,6 +263,11 @@ class RoadFillConfig(FillSection):
         "default: the dataset's per-channel mean, else 0.5",
     )
     seed: Seed = Field(0, description="noise seed; an image's noise depends on it and its dataset index")
+    numerics: Literal[2] = Field(
+        2,
+        description="the revision of the imputation's numbers (2: noise on imputed values only, exact "
+        "routes); recorded with every result, so that results of an older revision are recomputed",
+    )
 
 
 def _splitmix64(x: int) -> int:

@@ -195,7 +195,6 @@ class _Workspace:
         self.m, self.dinv, self.r, self.z, self.q, self.x, self.tmp = (
             torch.zeros(g, p, dtype=torch.float32, device=device) for _ in range(7)
         )
-        self.res = torch.zeros(g, h, w, dtype=torch.float32, device=device)
         self.keep = torch.zeros(g, h, w, dtype=torch.int32, device=device)
         self.scratch = torch.zeros(g, p // 2 + 1, dtype=torch.float32, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
